@@ -1,0 +1,1 @@
+"""echosim: predict the step time of a distributed training job from one device."""
