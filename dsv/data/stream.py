@@ -1,0 +1,96 @@
+"""A resumable, distributed-aware stream of batches whose content depends only on (seed, step, rank).
+
+    stream = BatchStream(dataset, batch_size=4, rank=r, world_size=w, seed=0)
+    for videos, labels in stream:         # (B, C, T, H, W), (B,)
+        ...
+        checkpoint["data"] = stream.state_dict()
+    stream.load_state_dict(checkpoint["data"])   # the next batch is the one after the checkpoint
+
+Sample j of rank r at step s sits at global position p = s * world_size * batch_size +
+r * batch_size + j. A procedural dataset is read at index p (its clips already depend on its
+own seed); a finite dataset at `permutation(seed, epoch)[p % N]` with epoch = p // N, so every
+sample is seen once per epoch and ranks never share a sample within a step. Worker processes
+(num_workers > 0) each build whole batches and the DataLoader returns them in step order, so
+the batches are the same with or without workers.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dsv.data.procedural import ProceduralVideo
+
+Batch = tuple[Tensor, Tensor]  # videos (B, C, T, H, W), labels (B,)
+
+
+@lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The order (size,) in which a finite dataset is visited during `epoch`."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def collate(samples: list[tuple[Tensor, int]]) -> Batch:
+    videos = torch.stack([video for video, _ in samples])  # (B, C, T, H, W)
+    return videos, torch.tensor([label for _, label in samples], dtype=torch.long)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Map-style view of a stream: item `step` is the batch of one rank at that step."""
+
+    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, seed: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.rank, self.world_size, self.seed = dataset, batch_size, rank, world_size, seed
+
+    def indices(self, step: int) -> list[int]:
+        """Dataset indices of the batch at `step` on this rank."""
+        first = step * self.world_size * self.batch_size + self.rank * self.batch_size
+        positions = range(first, first + self.batch_size)
+        if isinstance(self.dataset, ProceduralVideo):
+            return list(positions)
+        size = len(self.dataset)
+        return [int(epoch_permutation(self.seed, p // size, size)[p % size]) for p in positions]
+
+    def __getitem__(self, step: int) -> Batch:
+        return collate([self.dataset[i] for i in self.indices(step)])
+
+
+class BatchStream:
+    """Endless iterator over per-rank batches, starting at `step`; see the module docstring."""
+
+    def __init__(self, dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 step: int = 0, num_workers: int = 0):
+        self.batches = StepBatches(dataset, batch_size, rank, world_size, seed)
+        self.step, self.num_workers = step, num_workers
+
+    def batch_at(self, step: int) -> Batch:
+        """The batch this rank sees at `step` (a pure function of seed, step and rank)."""
+        return self.batches[step]
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(self.batches, batch_size=None, sampler=itertools.count(self.step),
+                                             num_workers=self.num_workers)
+        for batch in loader:
+            self.step += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Everything needed to continue with the next unseen batch."""
+        b = self.batches
+        return {"step": self.step, "seed": b.seed, "batch_size": b.batch_size, "world_size": b.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from `state`; the seed and global batch must match, or samples would repeat or be skipped."""
+        b = self.batches
+        if state["seed"] != b.seed or state["batch_size"] * state["world_size"] != b.batch_size * b.world_size:
+            raise ValueError(f"cannot resume: saved seed {state['seed']}, global batch "
+                             f"{state['batch_size'] * state['world_size']}; this stream has seed {b.seed}, "
+                             f"global batch {b.batch_size * b.world_size}")
+        self.step = state["step"]
