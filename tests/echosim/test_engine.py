@@ -1,0 +1,137 @@
+"""The replay engine on hand-built graphs whose answers are worked out by hand."""
+import pytest
+
+from echosim.engine import SimulationError, simulate
+from echosim.graph import Node, Trace, TraceError
+from echosim.report import breakdowns, chrome_trace, summary
+
+
+def comp(id, us, *, deps=(), stream="compute"):
+    return Node(id=id, kind="COMP", name=f"op{id}", stream=stream, deps=list(deps), duration_us=us)
+
+
+def coll(id, name="all_reduce", *, deps=(), group="world", nbytes=1e6, stream="comm"):
+    return Node(id=id, kind="COMM_COLL", name=name, stream=stream, deps=list(deps), group=group, bytes=nbytes)
+
+
+def trace(nodes, *, ranks=(0,), world=1, groups=None):
+    return Trace(world_size=world, ranks=list(ranks), groups=groups or {"world": [list(range(world))]},
+                 nodes=nodes)
+
+
+def fixed(us):
+    """A collective model that takes `us` for everything and records what it was asked."""
+    calls = []
+
+    def model(call):
+        calls.append(call)
+        return us, "fixed"
+
+    model.calls = calls
+    return model
+
+
+def spans_by(timeline, rank=0):
+    return {s.name: (s.start_us, s.end_us) for s in timeline.spans if s.rank == rank}
+
+
+def test_critical_path_follows_dependencies_across_streams():
+    # compute: op0 [0,10] op2 [10,40]; side: op1 waits op0 -> [10,15], op3 waits op2 -> [40,41]
+    nodes = [comp(0, 10), comp(1, 5, deps=[0], stream="side"), comp(2, 30), comp(3, 1, deps=[2], stream="side")]
+    tl = simulate([trace(nodes)], compute_us=None, collective_us=fixed(0))
+    assert spans_by(tl) == {"op0": (0, 10), "op1": (10, 15), "op2": (10, 40), "op3": (40, 41)}
+    assert tl.step_us == 41
+
+
+def test_stream_order_serialises_independent_nodes():
+    nodes = [comp(0, 10, stream="a"), comp(1, 7, stream="a"), comp(2, 3, stream="b")]
+    tl = simulate([trace(nodes)], compute_us=None, collective_us=fixed(0))
+    assert spans_by(tl) == {"op0": (0, 10), "op1": (10, 17), "op2": (0, 3)}
+
+
+@pytest.mark.parametrize("comm_us, step, exposed", [(50, 210, 0), (150, 260, 50)])
+def test_communication_overlaps_compute_until_it_is_longer(comm_us, step, exposed):
+    # all-reduce after op0 runs on its own stream beside op2 (100 us); op3 needs its result.
+    nodes = [comp(0, 100), coll(1, deps=[0]), comp(2, 100), comp(3, 10, deps=[1])]
+    tl = simulate([trace(nodes, ranks=[0, 1], world=2)], compute_us=None, collective_us=fixed(comm_us))
+    assert tl.step_us == step
+    for b in breakdowns(tl):
+        assert (b.compute_us, b.exposed_comm_us, b.waiting_us, b.idle_us) == (210, exposed, 0, 0)
+
+
+def test_collective_starts_when_its_last_member_arrives():
+    slow = trace([comp(0, 100), coll(1, deps=[0])], ranks=[0], world=2)
+    fast = trace([comp(0, 30), coll(1, deps=[0])], ranks=[1], world=2)
+    model = fixed(20)
+    tl = simulate([slow, fast], compute_us=None, collective_us=model)
+    for rank in (0, 1):
+        assert spans_by(tl, rank)["all_reduce"] == (100, 120)
+    fast_rank = breakdowns(tl)[1]
+    assert (fast_rank.compute_us, fast_rank.waiting_us, fast_rank.exposed_comm_us, fast_rank.idle_us) == (30, 70, 20, 0)
+    assert [c.members for c in model.calls] == [[0, 1]]
+    assert summary(tl)["critical_rank"]["rank"] == 0
+
+
+def test_collectives_match_in_order_per_group_block():
+    # 4 ranks, two blocks of "pair"; block {2,3} is slower, so its collective starts later.
+    groups = {"pair": [[0, 1], [2, 3]]}
+    a = trace([comp(0, 10), coll(1, group="pair", deps=[0]), coll(2, group="pair")], ranks=[0, 1], world=4,
+              groups=groups)
+    b = trace([comp(0, 50), coll(1, group="pair", deps=[0]), coll(2, group="pair")], ranks=[2, 3], world=4,
+              groups=groups)
+    tl = simulate([a, b], compute_us=None, collective_us=fixed(5))
+    starts = sorted((s.rank, s.start_us) for s in tl.spans if s.kind == "COMM_COLL")
+    assert starts == [(0, 10), (0, 15), (1, 10), (1, 15), (2, 50), (2, 55), (3, 50), (3, 55)]
+
+
+def test_send_waits_for_the_matching_receive():
+    groups = {"pp": [[0, 1]]}
+    send = Node(id=1, kind="COMM_SEND", name="send", stream="p2p", deps=[0], group="pp", peer=1, bytes=64)
+    recv = Node(id=0, kind="COMM_RECV", name="recv", stream="p2p", group="pp", peer=0, bytes=64)
+    sender = trace([comp(0, 10), send], ranks=[0], world=2, groups=groups)
+    receiver = trace([recv, comp(1, 4, deps=[0])], ranks=[1], world=2, groups=groups)
+    model = fixed(5)
+    tl = simulate([sender, receiver], compute_us=None, collective_us=model)
+    assert spans_by(tl, 1) == {"recv": (10, 15), "op1": (15, 19)}
+    assert model.calls[0].members == [0, 1] and model.calls[0].name == "send_recv"
+
+
+def test_compute_model_is_used_when_no_duration_is_given():
+    node = Node(id=0, kind="COMP", name="aten.mm", stream="compute", flops=2e6)
+    tl = simulate([trace([node])], compute_us=lambda n: n.flops / 1e6, collective_us=fixed(0))
+    assert tl.step_us == 2.0
+
+
+def test_missing_member_deadlocks_with_a_clear_error():
+    a = trace([coll(0)], ranks=[0], world=2)
+    b = trace([comp(0, 1)], ranks=[1], world=2)
+    with pytest.raises(SimulationError, match=r"all_reduce #0 on group 'world'.*ranks \[0\] arrived"):
+        simulate([a, b], compute_us=None, collective_us=fixed(1))
+
+
+def test_members_disagreeing_on_size_is_an_error():
+    a = trace([coll(0, nbytes=100)], ranks=[0], world=2)
+    b = trace([coll(0, nbytes=200)], ranks=[1], world=2)
+    with pytest.raises(SimulationError, match="rank 1 runs all_reduce of 200"):
+        simulate([a, b], compute_us=None, collective_us=fixed(1))
+
+
+def test_inconsistent_groups_and_missing_ranks_are_errors():
+    a = trace([coll(0, group="g")], ranks=[0, 1], world=4, groups={"g": [[0, 1], [2, 3]]})
+    b = trace([coll(0, group="g")], ranks=[2, 3], world=4, groups={"g": [[0, 2], [1, 3]]})
+    with pytest.raises(TraceError, match="inconsistent groups"):
+        simulate([a, b], compute_us=None, collective_us=fixed(1))
+    with pytest.raises(TraceError, match=r"no trace plays ranks \[2, 3\]"):
+        simulate([a], compute_us=None, collective_us=fixed(1))
+
+
+def test_chrome_trace_has_one_complete_event_per_span_and_wait_events():
+    slow = trace([comp(0, 100), coll(1, deps=[0])], ranks=[0], world=2)
+    fast = trace([comp(0, 30), coll(1, deps=[0])], ranks=[1], world=2)
+    tl = simulate([slow, fast], compute_us=None, collective_us=fixed(20))
+    events = chrome_trace(tl)["traceEvents"]
+    complete = [(e["pid"], e["name"], e["ts"], e["dur"]) for e in events if e["ph"] == "X"]
+    assert sorted(complete) == [(0, "all_reduce", 100, 20), (0, "op0", 0, 100),
+                                (1, "all_reduce", 100, 20), (1, "op0", 0, 30), (1, "wait all_reduce", 30, 70)]
+    names = {(e["pid"], e["args"]["name"]) for e in events if e["name"] == "thread_name"}
+    assert names == {(0, "compute"), (0, "comm"), (1, "compute"), (1, "comm")}
