@@ -6,12 +6,14 @@
         checkpoint["data"] = stream.state_dict()
     stream.load_state_dict(checkpoint["data"])   # the next batch is the one after the checkpoint
 
-Sample j of rank r at step s sits at global position p = s * world_size * batch_size +
-r * batch_size + j. A procedural dataset is read at index p (its clips already depend on its
-own seed); a finite dataset at `permutation(seed, epoch)[p % N]` with epoch = p // N, so every
-sample is seen once per epoch and ranks never share a sample within a step. Worker processes
-(num_workers > 0) each build whole batches and the DataLoader returns them in step order, so
-the batches are the same with or without workers.
+Sample j of rank r at step s sits at global position s * world_size * batch_size +
+r * batch_size + j. A procedural dataset is read at that index (its clips already depend on
+its own seed). A finite dataset of N videos is read through `permutation(seed, epoch)`,
+N // global_batch steps per epoch, dropping the last N % global_batch of each epoch's order
+(as DistributedSampler with drop_last does): ranks never share a sample within a step, and
+each epoch visits every sample at most once. Worker processes (num_workers > 0) each build
+whole batches and the DataLoader returns them in step order, so the batches are the same
+with or without workers.
 """
 from __future__ import annotations
 
@@ -51,12 +53,18 @@ class StepBatches(torch.utils.data.Dataset):
 
     def indices(self, step: int) -> list[int]:
         """Dataset indices of the batch at `step` on this rank."""
-        first = step * self.world_size * self.batch_size + self.rank * self.batch_size
-        positions = range(first, first + self.batch_size)
+        global_batch = self.world_size * self.batch_size
         if isinstance(self.dataset, ProceduralVideo):
-            return list(positions)
+            first = step * global_batch + self.rank * self.batch_size
+            return list(range(first, first + self.batch_size))
         size = len(self.dataset)
-        return [int(epoch_permutation(self.seed, p // size, size)[p % size]) for p in positions]
+        steps_per_epoch = size // global_batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"dataset of {size} videos is smaller than the global batch "
+                             f"{self.world_size} ranks x {self.batch_size}")
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        first = step_in_epoch * global_batch + self.rank * self.batch_size
+        return epoch_permutation(self.seed, epoch, size)[first:first + self.batch_size].tolist()
 
     def __getitem__(self, step: int) -> Batch:
         return collate([self.dataset[i] for i in self.indices(step)])
