@@ -1,0 +1,84 @@
+"""Collective cost formulas against hand computations, and the shipped cluster files."""
+import pytest
+
+from echosim.comm import CommModel
+from echosim.engine import CollectiveCall
+from echosim.hw import Cluster, Protocol, load_cluster
+
+SIMPLE = Protocol(base_us=10, nvlink_step_us=1, net_step_us=5, bw_fraction=1.0)
+LL = Protocol(base_us=2, nvlink_step_us=0.5, net_step_us=1, bw_fraction=0.25)
+
+
+def model(*, gpus_per_node=4, protocols=None):
+    # NVLink 100 GB/s = 1e5 B/us; NIC 200 Gb/s = 25 GB/s = 2.5e4 B/us
+    return CommModel(Cluster(name="toy", gpu="h100", gpus_per_node=gpus_per_node, nvlink_GBps=100, nic_Gbps=200,
+                             protocols=protocols or {"Simple": SIMPLE}))
+
+
+def call(name, members, nbytes, splits=None):
+    return CollectiveCall(name=name, members=list(members), bytes=nbytes, split_bytes=splits)
+
+
+@pytest.mark.parametrize("name, members, nbytes, expected, how", [
+    ("all_gather", range(4), 4e6, 10 + 3 * 1 + 0.75 * 4e6 / 1e5, "ring/Simple"),  # 43
+    ("reduce_scatter", range(4), 4e6, 43, "ring/Simple"),
+    ("all_reduce", range(4), 4e6, 10 + 6 * 1 + 1.5 * 4e6 / 1e5, "ring/Simple"),  # 76
+    ("broadcast", range(4), 4e6, 10 + 3 * 1 + 4e6 / 1e5, "ring/Simple"),  # 53
+    ("reduce_scatter", range(8), 8e6, 10 + 7 * 5 + 7 / 8 * 8e6 / 2.5e4, "ring/Simple"),  # 325, network-bound
+    ("all_reduce", range(8), 8e6, 10 + 14 * 5 + 14 / 8 * 8e6 / 2.5e4, "ring/Simple"),  # 640 < tree's 666
+    ("all_reduce", range(8), 8e3, 10 + 2 * (1 * 5 + 3 * 1) + 2 * 8e3 / 2.5e4, "tree/Simple"),  # 26.64 < ring's 80.56
+    ("send_recv", [1, 2], 1e5, 10 + 1 + 1e5 / 1e5, "p2p/Simple"),  # 12, same node
+    ("send_recv", [3, 4], 1e5, 10 + 5 + 1e5 / 2.5e4, "p2p/Simple"),  # 19, across nodes
+    ("all_gather", [5], 1e9, 0.0, "local"),
+])
+def test_formulas_match_hand_computation(name, members, nbytes, expected, how):
+    us, chosen = model()(call(name, members, nbytes))
+    assert us == pytest.approx(expected, rel=1e-12)
+    assert chosen == how
+
+
+def test_uneven_all_to_all_is_bound_by_the_busiest_link():
+    # 2 GPUs per node: ranks 0,1 on node 0 and 2,3 on node 1; row i = bytes rank i sends to each rank.
+    splits = [[0, 1e5, 2e5, 3e5],
+              [4e5, 0, 0, 1e5],
+              [1e5, 1e5, 0, 1e5],
+              [0, 0, 6e5, 0]]
+    # rank 0 receives 1e5 (net) from rank 2 and 4e5 (NVLink) from rank 1; sends 5e5 over the network.
+    # rank 2 receives 6e5 over NVLink from rank 3 -> 6 us; sends 2e5 over the network -> 8 us.
+    # network worst: rank 0 out 5e5 / 2.5e4 = 20 us; NVLink worst: 6e5 / 1e5 = 6 us.
+    us, how = model(gpus_per_node=2)(call("all_to_all", range(4), 6e5, splits))
+    assert us == pytest.approx(10 + 5 + 20)
+    assert how == "p2p/Simple"
+
+
+def test_even_all_to_all_inside_a_node():
+    # 4 ranks, S = 4e5 each: 3e5 leaves every rank over NVLink -> 3 us
+    us, _ = model()(call("all_to_all", range(4), 4e5))
+    assert us == pytest.approx(10 + 1 + 3)
+
+
+@pytest.mark.parametrize("nbytes, expected, how", [
+    (1e3, 2 + 3 * 0.5 + 0.75 * 1e3 / 2.5e4, "ring/LL"),  # 3.53 < Simple's 13.0075
+    (4e6, 43, "ring/Simple"),  # LL: 2 + 1.5 + 120 = 123.5
+])
+def test_fastest_protocol_is_chosen(nbytes, expected, how):
+    us, chosen = model(protocols={"LL": LL, "Simple": SIMPLE})(call("all_gather", range(4), nbytes))
+    assert (us, chosen) == (pytest.approx(expected), how)
+
+
+def test_shipped_clusters_load_and_predict_plausible_all_reduce():
+    cluster = load_cluster("dgx_h100")
+    assert cluster.gpus_per_node == 8 and set(cluster.protocols) == {"LL", "LL128", "Simple"}
+    # 1 GiB all-reduce on 8 GPUs is bandwidth-bound: 2*7/8 * 2^30 B / 450 GB/s = 4.175 ms plus latencies
+    us, how = CommModel(cluster)(call("all_reduce", range(8), 2**30))
+    assert how == "ring/Simple"
+    assert us == pytest.approx(8.4 + 14 * 3.4 + 1.75 * 2**30 / 450e3)
+
+
+def test_cluster_file_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not one of the shipped"):
+        load_cluster("dgx_a100_nonexistent")
+    path = tmp_path / "mine.json"
+    path.write_text('{"name": "x", "gpu": "h100", "gpus_per_node": 8, "nic_Gbps": 100, "protocols": {}}')
+    with pytest.raises(ValueError, match=r"missing fields \['nvlink_GBps'\]"):
+        load_cluster(path)
