@@ -10,7 +10,11 @@ along w), is a compact 3D neighbourhood, so neighbouring queries share their cri
 
     perm = cube_permutation(grid, cube)      # (N,) raster index of the i-th token in cube order
     tokens_cube = tokens_raster[:, perm]     # == to_cube_order(tokens_raster, grid, cube)
-    tokens_raster = tokens_cube[:, inverse_cube_permutation(grid, cube)]
+    tokens_raster = tokens_cube[:, inverse_cube_permutation(grid, cube)]  # == from_cube_order(...)
+
+to_cube_order / from_cube_order move the data with one reshape + permute copy (as cheap as a
+gather, and no index tensor); the cached permutations serve callers that need indices (RoPE
+positions, block-to-cube maps).
 
 Grids whose dims are not multiples of the cube dims are rejected, not padded: padding tokens
 would have to be masked out in every attention kernel (dense, sparse, selection, context
@@ -77,23 +81,35 @@ def inverse_cube_permutation(grid: Dims, cube: Dims, device=None) -> Tensor:
 def cube_coordinates(grid: Dims, cube: Dims, device=None) -> Tensor:
     """(N, 3) long: grid coordinates (t, h, w) of the tokens, in cube order."""
     grid, cube = _check(grid, cube)
-    perm = cube_permutation(grid, cube, device)
-    t, h, w = grid
-    return torch.stack((perm // (h * w), perm // w % h, perm % w), dim=-1)
+    axes = [torch.arange(g, device=_device(device)) for g in grid]
+    raster = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).view(1, -1, 3)  # (1, N, 3)
+    return to_cube_order(raster, grid, cube)[0]
 
 
-def _gather(x: Tensor, grid: Dims, index: Tensor) -> Tensor:
+def _check_tokens(x: Tensor, grid: Dims) -> None:
     if x.dim() < 2 or x.shape[1] != prod(grid):
         raise ValueError(f"expected x of shape (B, N, ...) with N = prod(grid {tuple(grid)}) = "
                          f"{prod(grid)}, got {tuple(x.shape)}")
-    return x.index_select(1, index)
 
 
 def to_cube_order(x: Tensor, grid: Dims, cube: Dims) -> Tensor:
-    """x (B, N, ...) in raster order -> (B, N, ...) in cube order (one gather)."""
-    return _gather(x, grid, cube_permutation(grid, cube, x.device))
+    """x (B, N, ...) in raster order -> (B, N, ...) in cube order; equal to x[:, cube_permutation(...)].
+
+    Done as a reshape + permute (one copy kernel, no index tensor), which torch.compile traces
+    without a cache lookup."""
+    (t, h, w), (ct, ch, cw) = _check(grid, cube)
+    _check_tokens(x, grid)
+    b, rest = x.shape[0], x.shape[2:]
+    x = x.reshape(b, t // ct, ct, h // ch, ch, w // cw, cw, *rest)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, *range(7, x.dim()))  # (B, T/ct, H/ch, W/cw, ct, ch, cw, ...)
+    return x.reshape(b, t * h * w, *rest)
 
 
 def from_cube_order(x: Tensor, grid: Dims, cube: Dims) -> Tensor:
-    """x (B, N, ...) in cube order -> (B, N, ...) in raster order (one gather)."""
-    return _gather(x, grid, inverse_cube_permutation(grid, cube, x.device))
+    """x (B, N, ...) in cube order -> (B, N, ...) in raster order; the exact inverse of to_cube_order."""
+    (t, h, w), (ct, ch, cw) = _check(grid, cube)
+    _check_tokens(x, grid)
+    b, rest = x.shape[0], x.shape[2:]
+    x = x.reshape(b, t // ct, h // ch, w // cw, ct, ch, cw, *rest)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, *range(7, x.dim()))  # (B, T/ct, ct, H/ch, ch, W/cw, cw, ...)
+    return x.reshape(b, t * h * w, *rest)
