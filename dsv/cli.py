@@ -1,0 +1,94 @@
+"""`dsv` command line: train, sample.
+
+    dsv train --preset tiny --run-name demo        # see `dsv train --help` for every option
+    dsv sample --ckpt runs/demo/ckpt/step_000000300.pt
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from dsv.config_cli import add_config_arguments, config_from_args
+
+
+def _train_parser(preset: str) -> argparse.ArgumentParser:
+    from dsv.models.dit import DIT_PRESETS
+    from dsv.train import TrainConfig
+
+    defaults = TrainConfig(preset=preset, model=DIT_PRESETS[preset]())
+    parser = argparse.ArgumentParser(prog="dsv train", description="Train a video DiT with flow matching.")
+    add_config_arguments(parser, TrainConfig, defaults=defaults)
+    for action in parser._actions:
+        if action.dest == "preset":
+            action.choices = list(DIT_PRESETS)
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    from dsv.models.dit import DIT_PRESETS
+    from dsv.train import TrainConfig, train
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny", choices=list(DIT_PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    cfg = config_from_args(TrainConfig, _train_parser(known.preset).parse_args(argv))
+    result = train(cfg)
+    if result:
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"} | {"samples": result.get("samples")},
+                         indent=1))
+    return 0
+
+
+def sample_main(argv: list[str]) -> int:
+    import torch
+
+    from dsv.data import save_video_grid
+    from dsv.parallel.runtime import resolve_device
+    from dsv.sample import load_for_sampling, sample_videos
+
+    parser = argparse.ArgumentParser(prog="dsv sample", description="Sample videos from a checkpoint.")
+    parser.add_argument("--ckpt", required=True, type=Path, help="a single-process checkpoint file (.pt)")
+    parser.add_argument("--num", type=int, default=16, help="number of videos")
+    parser.add_argument("--steps", type=int, default=50, help="Euler steps")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default: <run>/samples/sample)")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    model, config = load_for_sampling(args.ckpt, device, ema=not args.raw_weights)
+    d = config["data"]
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    videos = sample_videos(model, model.cfg, (d["channels"], d["frames"], d["height"], d["width"]), args.num,
+                           steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, device=device,
+                           autocast_dtype=dtype)
+    out = args.out or args.ckpt.parent.parent / "samples" / "sample"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path in save_video_grid(videos.float().cpu(), out):
+        print(path)
+    return 0
+
+
+COMMANDS = {"train": train_main, "sample": sample_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: dsv {{{','.join(COMMANDS)}}} [options]   (dsv <command> --help)", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, RuntimeError) as e:
+        if type(e).__name__ in ("ValueError", "CheckpointError", "NonFiniteLossError"):
+            print(f"dsv {argv[0]}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Generate videos with the Euler sampler and classifier-free guidance, and write a GIF/MP4 grid.
+
+    dsv sample --ckpt runs/demo/ckpt/step_000000300.pt --num 16 --cfg-scale 3 --out samples/demo
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dsv.checkpoint import CheckpointError
+from dsv.config_cli import config_from_dict
+from dsv.data import save_video_grid
+from dsv.flow import euler_sample
+from dsv.models.dit import DiTConfig, VideoDiT
+
+if TYPE_CHECKING:
+    from dsv.train import Trainer
+
+
+def sample_videos(model: torch.nn.Module, cfg: DiTConfig, shape: tuple[int, int, int, int], num: int, *,
+                  steps: int, cfg_scale: float, seed: int, device: torch.device,
+                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """num videos (num, C, T, H, W) in [-1, 1]; labels cycle over the classes (none if unconditional)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    noise = torch.randn((num, *shape), generator=gen, device=device)
+    labels = torch.arange(num, device=device) % cfg.num_classes if cfg.num_classes else None
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        videos = euler_sample(model, noise, labels, steps=steps, cfg_scale=cfg_scale,
+                              null_label=cfg.num_classes if cfg.num_classes else None)
+    return videos.clamp(-1, 1)
+
+
+def write_samples(trainer: "Trainer", stem: Path) -> list[Path]:
+    """Sample with the EMA weights (every rank takes part under FSDP; rank 0 writes)."""
+    cfg = trainer.cfg
+    trainer.model.eval()
+    trainer.state.swap_ema()
+    try:
+        shape = (cfg.data.channels, cfg.data.frames, cfg.data.height, cfg.data.width)
+        videos = sample_videos(trainer.model, cfg.model, shape, cfg.num_samples, steps=cfg.sample_steps,
+                               cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=trainer.device,
+                               autocast_dtype=trainer.autocast_dtype)
+    finally:
+        trainer.state.swap_ema()
+        trainer.model.train()
+    if not trainer.runtime.is_main:
+        return []
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return save_video_grid(videos.float().cpu(), stem)
+
+
+def load_for_sampling(ckpt: Path, device: torch.device, *, ema: bool = True) -> tuple[VideoDiT, dict]:
+    """A single-device model with the checkpoint's (EMA) weights, and the run's config dict."""
+    if not ckpt.exists():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist")
+    if ckpt.is_dir():
+        raise CheckpointError(f"{ckpt} is a sharded FSDP checkpoint: convert it with "
+                              "`python -m torch.distributed.checkpoint.format_utils dcp_to_torch` first")
+    try:
+        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+        config, state = blob["meta"]["config"], blob["state"]
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt or not a dsv checkpoint: {e}") from e
+    model = VideoDiT(config_from_dict(DiTConfig, config["model"]))
+    model.load_state_dict(state["ema"] if ema else state["model"])
+    return model.to(device).eval(), config
