@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import subprocess
 import tempfile
 import time
@@ -88,6 +89,11 @@ def main() -> None:
     step_ms = tiny_step_ms(args.channels)
     summary = (f"Tiny demo DiT (`tiny(in_channels={args.channels})`, 8x32x32, batch 8, AdamW) on the same one "
                f"thread: {step_ms:.0f} ms per training step, i.e. it consumes {1000 * BATCH / step_ms:,.0f} videos/s.")
+    gpu_s = 6 * 2.7e9 * 65536 / 500e12  # matmul FLOPs alone (6 x params x tokens) at 500 TFLOP/s
+    summary += (f"\nA 2.7B DiT at 64k tokens/sample (16 x 128 x 128 at patch {PATCH}) needs >= {gpu_s:.1f} s "
+                f"of H100 time per sample for its linear layers alone (6 x 2.7e9 x 65,536 FLOPs at 500 TFLOP/s, "
+                f"attention extra), i.e. < {1 / gpu_s:.2f} videos/s per GPU.")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     table = "\n".join(rows)
     print(table, summary, sep="\n\n")
     if args.no_write:
@@ -96,7 +102,7 @@ def main() -> None:
     out = Path(__file__).parent / "results" / f"data_throughput_cpu_{datetime.date.today():%Y%m%d}.md"
     out.write_text(f"# Data throughput, one CPU thread\n\nCommand: `.venv/bin/python benchmarks/data_throughput.py "
                    f"--seconds {args.seconds} --channels {args.channels}` at commit {commit}, "
-                   f"torch {torch.__version__}.\nTokens with patch {PATCH}; batches built as StepBatches does "
+                   f"torch {torch.__version__}, load average {load} on {os.cpu_count()} cores (shared machine).\nTokens with patch {PATCH}; batches built as StepBatches does "
                    f"(generate or decode, resize, stack).\n\n{table}\n\n{summary}\n")
     print(f"wrote {out}")
 
