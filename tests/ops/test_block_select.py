@@ -89,16 +89,22 @@ def test_top_k_picks_the_k_largest():
     assert index.seq_len == SEQ and index.block_size == BLOCK
 
 
-def random_mass(b=2, h=3, n=9, seed=2):
+def random_mass(b=1, h=3, n=9, seed=2):
     g = torch.Generator().manual_seed(seed)
     return torch.softmax(3 * torch.randn(b, h, n, n, generator=g), -1)
 
 
+SELECTORS = pytest.mark.parametrize("use_triton", [False, True], ids=["sort", "triton"])
+
+
+@SELECTORS
 @pytest.mark.parametrize("keep_diagonal", [False, True])
-def test_top_p_picks_the_smallest_covering_set(keep_diagonal):
+def test_top_p_picks_the_smallest_covering_set(keep_diagonal, use_triton):
     mass = random_mass()
     top_p = torch.tensor([0.5, 0.8, 0.95])  # one mass fraction per head
-    index = select_from_mass(mass, block_size=BLOCK, seq_len=9 * BLOCK - 3, top_p=top_p, keep_diagonal=keep_diagonal)
+    index = select_from_mass(
+        mass, block_size=BLOCK, seq_len=9 * BLOCK - 3, top_p=top_p, keep_diagonal=keep_diagonal, use_triton=use_triton
+    )
     selected = index.to_dense()
     n = mass.shape[-1]
     must = torch.eye(n, dtype=torch.bool).expand_as(selected) if keep_diagonal else torch.zeros_like(selected)
@@ -116,34 +122,52 @@ def test_top_p_picks_the_smallest_covering_set(keep_diagonal):
     assert selected[must].all()
 
 
-def test_budgets_clamps_and_diagonal():
+@SELECTORS
+def test_budgets_clamps_and_diagonal(use_triton):
     mass = random_mass(n=10)
     n = 10
+    rules = dict(block_size=BLOCK, seq_len=n * BLOCK, use_triton=use_triton)
     fractions = torch.tensor([0.05, 0.25, 1.0])
-    index = select_from_mass(mass, block_size=BLOCK, seq_len=n * BLOCK, budget=fractions, top_k=7)
+    index = select_from_mass(mass, budget=fractions, top_k=7, **rules)
     assert torch.equal(index.counts[0, :, 0], torch.tensor([1, 3, 10], dtype=torch.int32))  # ceil(f * n)
     counts_budget = torch.tensor([2, 4, 6])
-    index = select_from_mass(mass, block_size=BLOCK, seq_len=n * BLOCK, budget=counts_budget, min_blocks=3, max_blocks=5)
+    index = select_from_mass(mass, budget=counts_budget, min_blocks=3, max_blocks=5, **rules)
     assert torch.equal(index.counts[0, :, 0], torch.tensor([3, 4, 5], dtype=torch.int32))
     assert index.to_dense().diagonal(dim1=-2, dim2=-1).all()
-    index = select_from_mass(mass, block_size=BLOCK, seq_len=n * BLOCK, top_p=1e-3, min_blocks=2, keep_diagonal=False)
+    index = select_from_mass(mass, top_p=1e-3, min_blocks=2, keep_diagonal=False, **rules)
     assert (index.counts == 2).all()
     # the two heaviest blocks, indices ascending, padding zero
     expected = torch.topk(mass, 2, -1).indices.sort(-1).values
     assert torch.equal(index.indices.long(), expected)
     with pytest.raises(ValueError, match="not both"):
-        select_from_mass(mass, block_size=BLOCK, seq_len=n * BLOCK, top_k=2, top_p=0.5)
+        select_from_mass(mass, top_k=2, top_p=0.5, **rules)
 
 
-def test_indices_are_ascending_with_zero_padding():
+@SELECTORS
+def test_indices_are_ascending_with_zero_padding(use_triton):
     mass = random_mass(n=8)
-    index = select_from_mass(mass, block_size=BLOCK, seq_len=8 * BLOCK, top_p=0.7)
+    index = select_from_mass(mass, block_size=BLOCK, seq_len=8 * BLOCK, top_p=0.7, use_triton=use_triton)
     width = index.indices.shape[-1]
     valid = torch.arange(width) < index.counts[..., None]
     assert (index.indices[~valid] == 0).all()
     gaps = index.indices.diff(dim=-1)
     assert (gaps[valid[..., 1:]] > 0).all()
     assert torch.equal(BlockIndex.from_dense(index.to_dense(), block_size=BLOCK, seq_len=8 * BLOCK).indices, index.indices)
+
+
+@pytest.mark.parametrize("rule", [dict(top_k=4), dict(top_p=0.85), dict(budget=torch.tensor([0.2, 0.7]))])
+def test_triton_selection_equals_sorting(rule):
+    mass = random_mass(b=2, h=2, n=13, seed=8)  # 13 blocks: a power-of-two padded row
+    sort, kernel = (select_from_mass(mass, block_size=BLOCK, seq_len=13 * BLOCK, use_triton=t, **rule) for t in (False, True))
+    assert torch.equal(sort.counts, kernel.counts) and torch.equal(sort.indices, kernel.indices)
+
+
+def test_triton_selection_breaks_ties_by_lowest_id():
+    mass = torch.zeros(1, 1, 6, 6)
+    mass[..., 4] = 1.0  # every other block has mass exactly 0
+    index = select_from_mass(mass, block_size=BLOCK, seq_len=6 * BLOCK, top_k=3, keep_diagonal=False, use_triton=True)
+    assert (index.counts == 3).all()
+    assert torch.equal(index.indices.long(), torch.tensor([0, 1, 4]).expand(1, 1, 6, 3))
 
 
 def test_block_select_returns_the_same_blocks_as_a_block_mask():
