@@ -197,6 +197,14 @@ class Rotary3D(nn.Module):
 
 # --------------------------------------------------------------------------- self-attention
 
+class QKNorm(nn.RMSNorm):
+    """RMSNorm over head_dim, computed in the weight's dtype: fp32 under autocast (the fused
+    kernel, no bf16 rounding before RoPE), bf16 when FSDP casts the parameters."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 class SelfAttention(nn.Module):
     """qkv projection, per-head RMSNorm on q and k, 3D RoPE, then the model's attention backend."""
 
@@ -204,8 +212,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads, self.layer = cfg.heads, layer
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.q_norm = QKNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = QKNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
         self._backend_ref = backend_ref  # shared one-element list, outside the module tree
 
@@ -217,7 +225,7 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))  # (B, S, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k = Rotary3D.rotate(q, *rope), Rotary3D.rotate(k, *rope)
+        q, k = Rotary3D.rotate(q, *rope).to(v.dtype), Rotary3D.rotate(k, *rope).to(v.dtype)
         out = self.attention_backend(q, k, v, layer=self.layer, attn_input=x)  # (B, H, S, Dh)
         return self.proj(out.transpose(1, 2).flatten(2))  # (B, S, D)
 
@@ -234,14 +242,14 @@ class CrossAttention(nn.Module):
         self.heads = cfg.heads
         self.q = nn.Linear(cfg.hidden, cfg.hidden)
         self.kv = nn.Linear(cfg.text_dim, 2 * cfg.hidden)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.q_norm = QKNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = QKNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
     def forward(self, x: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
         q = self.q_norm(self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2))  # (B, H, S, Dh)
         k, v = self.kv(text).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
-        k = self.k_norm(k)
+        q, k = q.to(v.dtype), self.k_norm(k).to(v.dtype)
         mask = empty = None
         if text_mask is not None:
             empty = ~text_mask.any(dim=-1)  # (B,)

