@@ -1,17 +1,46 @@
 """Compact per-query-block lists of selected key/value blocks, and the BlockMask boundary.
 
-A FlexAttention `BlockMask` stores a (S/block)-wide index row per query block and head;
-at 128k-512k tokens that is hundreds of MB per layer. Inside the training path we keep
-only the selected blocks, `max_selected` wide, and build a `BlockMask` only where a
-caller asks for one.
+A FlexAttention `BlockMask` stores a (S/block)-wide index row per query block and head
+(and the transposed one per KV block); at 128k-512k tokens that is hundreds of MB per
+layer. Inside the training path we keep only the selected blocks, `max_selected` wide,
+and build a `BlockMask` only where a caller asks for one.
+
+The backward pass of block-sparse attention walks the *transposed* lists (for each KV
+block, the query blocks that selected it); `BlockIndex.transpose()` builds them on the
+device with one stable sort, in a flat layout that needs no host sync.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
+
+
+@dataclass(frozen=True)
+class TransposedBlockIndex:
+    """For each (batch, head, KV block), the query blocks that selected it, ascending.
+
+    counts:   (B, H, NKV) int32, how many query blocks selected the KV block (may be 0).
+    offsets:  (B, H, NKV) int32, where that list starts in its (b, h) row of `q_blocks`.
+    q_blocks: (B, H, NQ * MAXSEL) int32, the lists of one (b, h) back to back; entries
+              past the row's total are padding and are never read.
+    """
+
+    counts: Tensor
+    offsets: Tensor
+    q_blocks: Tensor
+
+    def to_padded(self, num_q_blocks: int) -> Tensor:
+        """(B, H, NKV, NQ) int32 lists padded with 0: FlexAttention's `q_indices` layout."""
+        slot = torch.arange(num_q_blocks, device=self.counts.device)
+        valid = slot < self.counts[..., None]  # (B, H, NKV, NQ)
+        where = (self.offsets[..., None] + slot).clamp(max=self.q_blocks.shape[-1] - 1)
+        b, h, nkv, nq = where.shape
+        picked = torch.gather(self.q_blocks, -1, where.reshape(b, h, nkv * nq).long())
+        return torch.where(valid, picked.view(b, h, nkv, nq), 0).to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -36,13 +65,52 @@ class BlockIndex:
         """Fraction of (query block, KV block) tiles that are computed."""
         return self.counts.float().mean().item() / self.num_blocks
 
-    def to_block_mask(self) -> BlockMask:
+    def nbytes(self) -> int:
+        """Memory held by the compact lists."""
+        return self.counts.nbytes + self.indices.nbytes
+
+    def expand(self, batch: int, heads: int) -> "BlockIndex":
+        """Broadcast a batch or head dimension of size 1 (as BlockMask allows), contiguous."""
+        b, h, nq, width = self.indices.shape
+        counts = self.counts.expand(batch, heads, nq).contiguous()
+        indices = self.indices.expand(batch, heads, nq, width).contiguous()
+        return BlockIndex(counts=counts, indices=indices, block_size=self.block_size, seq_len=self.seq_len)
+
+    def transpose(self) -> TransposedBlockIndex:
+        """Lists of query blocks per KV block, built on the index's device without a sync."""
+        b, h, nq, width = self.indices.shape
         n = self.num_blocks
-        b, h, nq, _ = self.indices.shape
+        valid = torch.arange(width, device=self.indices.device) < self.counts[..., None]
+        # -- flatten the (query block, slot) pairs; padding gets the sentinel KV id n
+        kv = torch.where(valid, self.indices, n).reshape(b, h, nq * width)
+        # -- stable sort by KV id: groups by KV block, query blocks stay ascending inside
+        slots = torch.sort(kv, dim=-1, stable=True).indices
+        q_blocks = (slots // width).to(torch.int32)
+        # -- per KV block counts and start offsets (the sentinel bucket is dropped)
+        counts = torch.zeros(b, h, n + 1, dtype=torch.int32, device=kv.device)
+        counts.scatter_add_(-1, kv.long(), torch.ones_like(kv, dtype=torch.int32))
+        counts = counts[..., :n].contiguous()
+        offsets = (torch.cumsum(counts, -1, dtype=torch.int32) - counts).contiguous()
+        return TransposedBlockIndex(counts=counts, offsets=offsets, q_blocks=q_blocks.contiguous())
+
+    def to_block_mask(self, *, token_mask_mod: bool = False) -> BlockMask:
+        """The (NQ, NKV)-wide FlexAttention mask. Compiled FlexAttention skips unlisted blocks;
+        its eager (CPU) path ignores the lists and applies only mask_mod, so `token_mask_mod`
+        adds one that reads the block map, for the same result there."""
+        n = self.num_blocks
+        b, h, nq, width = self.indices.shape
         wide = torch.zeros(b, h, nq, n, dtype=torch.int32, device=self.indices.device)
-        wide[..., : self.indices.shape[-1]] = self.indices
+        wide[..., :width] = self.indices
+        mask_mod = None
+        if token_mask_mod:
+            selected, block = self.to_dense(), self.block_size  # (B, H, NQ, NKV)
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return selected[b, h, q_idx // block, kv_idx // block]
+
         return BlockMask.from_kv_blocks(
-            self.counts, wide, BLOCK_SIZE=self.block_size, seq_lengths=(self.seq_len, self.seq_len)
+            self.counts, wide, BLOCK_SIZE=self.block_size, mask_mod=mask_mod,
+            seq_lengths=(self.seq_len, self.seq_len),
         )
 
     @classmethod
@@ -53,6 +121,11 @@ class BlockIndex:
         if q_block != kv_block:
             raise ValueError(f"BlockMask must use square blocks, got BLOCK_SIZE={mask.BLOCK_SIZE}")
         n = -(-seq_len // kv_block)
+        if mask.kv_num_blocks.shape[-1] != n:
+            raise ValueError(
+                f"BlockMask has {mask.kv_num_blocks.shape[-1]} query blocks of {q_block}, "
+                f"but a sequence of {seq_len} needs {n}"
+            )
         lists = [(mask.kv_num_blocks, mask.kv_indices)]
         if mask.full_kv_num_blocks is not None:
             lists.append((mask.full_kv_num_blocks, mask.full_kv_indices))
@@ -82,3 +155,42 @@ class BlockIndex:
         valid = torch.arange(width, device=self.indices.device) < self.counts[..., None]
         hits = torch.zeros(b, h, nq, self.num_blocks, dtype=torch.int32, device=self.indices.device)
         return hits.scatter_add_(-1, self.indices.long(), valid.to(torch.int32)) > 0
+
+
+def random_block_index(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    block_size: int,
+    density: float,
+    *,
+    keep_diagonal: bool = True,
+    generator: torch.Generator | None = None,
+    per_head_density: Sequence[float] | None = None,
+    device: torch.device | str | None = None,
+) -> BlockIndex:
+    """Uniformly random KV blocks per query block: round(density * NKV) of them (at least 1),
+    or `per_head_density[h]` for head h. With `keep_diagonal` the query block's own KV
+    block is always among them. Sampled on the generator's device, returned on `device`."""
+    n = -(-seq_len // block_size)
+    densities = per_head_density if per_head_density is not None else [density] * heads
+    if len(densities) != heads:
+        raise ValueError(f"per_head_density has {len(densities)} entries for {heads} heads")
+    per_head = [min(n, max(1, round(d * n))) for d in densities]
+    sample_device = generator.device if generator is not None else device
+    scores = torch.rand(batch, heads, n, n, generator=generator, device=sample_device)  # (B, H, NQ, NKV)
+    if keep_diagonal:
+        scores.diagonal(dim1=-2, dim2=-1).fill_(2.0)  # above every uniform sample
+    # -- the highest-scoring blocks, then the first per_head[h] of them, ascending
+    top = scores.topk(max(per_head), dim=-1).indices  # (B, H, NQ, MAXSEL)
+    counts = torch.tensor(per_head, dtype=torch.int32, device=top.device).view(1, heads, 1)
+    counts = counts.expand(batch, heads, n).contiguous()
+    valid = torch.arange(top.shape[-1], device=top.device) < counts[..., None]
+    top = torch.where(valid, top, n).sort(dim=-1).values
+    indices = torch.where(top == n, 0, top).to(torch.int32)
+    return BlockIndex(
+        counts=counts.to(device or top.device),
+        indices=indices.contiguous().to(device or top.device),
+        block_size=block_size,
+        seq_len=seq_len,
+    )

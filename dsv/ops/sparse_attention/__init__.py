@@ -1,0 +1,152 @@
+"""Block-sparse attention: each (batch, head, query block) attends to its own list of whole
+key/value blocks.
+
+    out = sparse_attention(q, k, v, block_mask)          # FlexAttention BlockMask in
+    out = sparse_attention_index(q, k, v, block_index)   # compact lists (the training path)
+
+Backends: "triton" (our kernels; on CPU tensors only under TRITON_INTERPRET=1), "flex"
+(torch FlexAttention with the same mask, compiled on CUDA), "reference" (plain PyTorch that
+gathers the selected blocks; what CPU training uses) and "auto" (triton on CUDA, reference
+on CPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from dsv.ops.block_index import BlockIndex
+from dsv.ops.sparse_attention.reference import dense_masked_attention, gathered_attention
+
+BACKENDS = ("auto", "triton", "flex", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
+
+__all__ = ["sparse_attention", "sparse_attention_index", "dense_masked_attention", "gathered_attention"]
+
+
+def sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *, scale: float | None = None, backend: str = "auto"
+) -> Tensor:
+    """q, k, v: (B, H, S, D); `block_mask` selects whole blocks (its mask_mod is ignored).
+    Converts the mask to compact lists once and runs `sparse_attention_index`."""
+    _check_inputs(q, k, v, backend)
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a BlockMask, got {type(block_mask).__name__}")
+    if backend == "flex" and q.is_cuda:
+        return _flex(q, k, v, block_mask, _scale(q, scale))
+    index = BlockIndex.from_block_mask(block_mask, seq_len=q.shape[-2])
+    return sparse_attention_index(q, k, v, index, scale=scale, backend=backend)
+
+
+def sparse_attention_index(
+    q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, *, scale: float | None = None, backend: str = "auto"
+) -> Tensor:
+    """q, k, v: (B, H, S, D); index: lists of KV blocks per (B or 1, H or 1, query block),
+    each of length >= 1. Returns (B, H, S, D) in q's dtype; differentiable in q, k, v."""
+    _check_inputs(q, k, v, backend)
+    b, h, s, _ = q.shape
+    index = _check_index(index, q)
+    scale = _scale(q, scale)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "reference"
+    if backend == "reference":
+        return gathered_attention(q, k, v, index, scale)
+    if backend == "flex":
+        return _flex(q, k, v, index.to_block_mask(token_mask_mod=not q.is_cuda), scale)
+    _check_kernel_inputs(q, index)
+    return _SparseAttention.apply(q, k, v, index.counts, index.indices, index.block_size, scale)
+
+
+class _SparseAttention(torch.autograd.Function):
+    """Triton forward (saves o and the log-sum-exp) and backward (dQ over the lists, dK/dV
+    over the transposed lists)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, counts, indices, block_size, scale):
+        from dsv.ops.sparse_attention import kernels
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        index = BlockIndex(counts=counts, indices=indices, block_size=block_size, seq_len=q.shape[-2])
+        o, lse = kernels.forward(q, k, v, index, scale)
+        ctx.save_for_backward(q, k, v, o, lse, counts, indices)
+        ctx.block_size, ctx.scale = block_size, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from dsv.ops.sparse_attention import kernels
+
+        q, k, v, o, lse, counts, indices = ctx.saved_tensors
+        index = BlockIndex(counts=counts, indices=indices, block_size=ctx.block_size, seq_len=q.shape[-2])
+        dq, dk, dv = kernels.backward(do.contiguous(), q, k, v, o, lse, index, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+_compiled_flex = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float) -> Tensor:
+    """FlexAttention with the same mask: compiled on CUDA, eager (forward only) on CPU."""
+    global _compiled_flex
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, H, S, D), got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape (B, H, S, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_index(index: BlockIndex, q: Tensor) -> BlockIndex:
+    """Checks the index against q and broadcasts its batch and head dimensions."""
+    b, h, s, _ = q.shape
+    if index.seq_len != s:
+        raise ValueError(f"block index is for a sequence of {index.seq_len} tokens, q has {s}")
+    if index.counts.device != q.device:
+        raise ValueError(f"block index is on {index.counts.device}, q on {q.device}")
+    ib, ih, nq = index.counts.shape
+    if nq != index.num_blocks or index.indices.shape[:3] != index.counts.shape:
+        raise ValueError(
+            f"block index counts {tuple(index.counts.shape)} / indices {tuple(index.indices.shape)} "
+            f"do not match {index.num_blocks} blocks of {index.block_size}"
+        )
+    if ib not in (1, b) or ih not in (1, h):
+        raise ValueError(f"block index is for (B, H) = ({ib}, {ih}), q has ({b}, {h})")
+    if index.counts.dtype != torch.int32 or index.indices.dtype != torch.int32:
+        raise TypeError("block index counts and indices must be int32")
+    return index if (ib, ih) == (b, h) else index.expand(b, h)
+
+
+def _check_kernel_inputs(q: Tensor, index: BlockIndex) -> None:
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the triton backend takes {KERNEL_DTYPES}, got {q.dtype}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"the triton backend takes head dims up to 256, got {q.shape[-1]}")
+    if index.block_size not in KERNEL_BLOCK_SIZES:
+        raise ValueError(f"the triton backend takes block sizes {KERNEL_BLOCK_SIZES}, got {index.block_size}")
+    from dsv.ops.sparse_attention import kernels
+
+    if not q.is_cuda and not kernels.INTERPRETED:
+        raise RuntimeError(
+            "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1, set before dsv's kernels are imported"
+        )

@@ -1,0 +1,49 @@
+"""Plain-PyTorch block-sparse attention: the CPU training path and the tests' references."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dsv.ops.block_index import BlockIndex
+
+
+def gathered_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) -> Tensor:
+    """Gathers each query block's selected K/V blocks and runs softmax attention on them in
+    fp32 (fp64 stays fp64); autograd gives the backward. Memory O(S * selected * D), never
+    O(S^2). q, k, v: (B, H, S, D); index broadcast to (B, H) already."""
+    b, h, s, d = q.shape
+    block, n = index.block_size, index.num_blocks
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    pad = (0, 0, 0, n * block - s)
+    q_blocks = F.pad(q.to(compute), pad).view(b, h, n, block, d)  # (B, H, NQ, BLOCK, D)
+    k_blocks = F.pad(k.to(compute), pad).view(b, h, n, block, d)
+    v_blocks = F.pad(v.to(compute), pad).view(b, h, n, block, d)
+
+    # -- gather the selected KV blocks: (B, H, NQ, MAXSEL * BLOCK, D)
+    width = index.indices.shape[-1]
+    ids = index.indices.long().view(b, h, n * width, 1, 1).expand(-1, -1, -1, block, d)
+    k_sel = torch.gather(k_blocks, 2, ids).view(b, h, n, width * block, d)
+    v_sel = torch.gather(v_blocks, 2, ids).view(b, h, n, width * block, d)
+
+    # -- keys that are padding slots of the list or past S do not take part
+    slot_ok = torch.arange(width, device=q.device) < index.counts[..., None]  # (B, H, NQ, MAXSEL)
+    token = index.indices.long()[..., None] * block + torch.arange(block, device=q.device)
+    key_ok = (slot_ok[..., None] & (token < s)).view(b, h, n, 1, width * block)
+
+    scores = (q_blocks @ k_sel.transpose(-1, -2)) * scale  # (B, H, NQ, BLOCK, MAXSEL * BLOCK)
+    probs = torch.softmax(scores.masked_fill(~key_ok, float("-inf")), dim=-1)
+    out = (probs @ v_sel).view(b, h, n * block, d)[:, :, :s]  # (B, H, S, D)
+    return out.to(q.dtype)
+
+
+def dense_masked_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) -> Tensor:
+    """Dense attention with the block mask expanded to tokens (masked_fill(-inf)), in the
+    inputs' own precision with an fp32 softmax (fp64 stays fp64). O(S^2): tests only."""
+    s = q.shape[-2]
+    block = index.block_size
+    token_mask = index.to_dense().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :s, :s]
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, S, S)
+    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = scores.to(softmax_dtype).masked_fill(~token_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(q.dtype) @ v

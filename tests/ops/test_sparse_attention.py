@@ -1,0 +1,145 @@
+"""Block-sparse attention: Triton kernels (under the CPU interpreter here, bf16 on the GPU),
+the gather reference and the FlexAttention backend against float64 dense references."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before dsv's kernels import triton
+
+import pytest
+from torch.nn.attention.flex_attention import flex_attention
+
+from dsv.ops.block_index import BlockIndex, random_block_index
+from dsv.ops.sparse_attention import dense_masked_attention, sparse_attention, sparse_attention_index
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOW_PRECISION = torch.bfloat16 if torch.cuda.is_available() else torch.float16  # interpreter: no bf16
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _problem(seed, batch, heads, seq_len, head_dim, block, density, dtype, per_head=None, device=DEVICE):
+    generator = torch.Generator().manual_seed(seed)
+    index = random_block_index(
+        batch, heads, seq_len, block, density, generator=generator, per_head_density=per_head, device=device
+    )
+    q, k, v, do = (torch.randn(batch, heads, seq_len, head_dim, generator=generator).to(device, dtype) for _ in range(4))
+    return index, q, k, v, do
+
+
+def _run(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of fn on leaf copies of q, k, v."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(do.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _check_against_fp64(index, q, k, v, do, backend, atol):
+    """Flash-attention's rule: our error vs float64 <= 2x PyTorch's error in the same precision + atol."""
+    scale = q.shape[-1] ** -0.5
+    ours = _run(lambda *t: sparse_attention_index(*t, index, backend=backend), q, k, v, do)
+    exact = _run(lambda *t: dense_masked_attention(*t, index, scale), *(x.double() for x in (q, k, v, do)))
+    torch_same_precision = _run(lambda *t: dense_masked_attention(*t, index, scale), q, k, v, do)
+    for name, mine, ref, base in zip(("out", "dq", "dk", "dv"), ours, exact, torch_same_precision):
+        error = (mine.double() - ref).abs().max().item()
+        torch_error = (base.double() - ref).abs().max().item()
+        assert error <= 2 * torch_error + atol, f"{name}: {error:.3g} > 2 * {torch_error:.3g} + {atol}"
+
+
+# (batch, heads, seq_len, head_dim, block, density, per_head)
+CASES = {
+    "tail-of-8": (2, 2, 200, 64, 64, 0.5, None),
+    "head-dim-96-tail-of-2": (1, 2, 130, 96, 64, 0.7, None),
+    "heads-of-one-and-all-blocks": (1, 3, 256, 32, 32, 0.0, (0.01, 1.0, 0.5)),
+    "block-128-dense": (1, 1, 300, 64, 128, 1.0, None),
+    "block-16-diagonal-only": (1, 1, 50, 16, 16, 0.0, (0.01,)),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_triton_low_precision_matches_fp64(case):
+    batch, heads, seq_len, head_dim, block, density, per_head = case
+    problem = _problem(0, batch, heads, seq_len, head_dim, block, density, LOW_PRECISION, per_head)
+    _check_against_fp64(*problem, backend="triton", atol=2e-3)  # atol: one fp16 ulp near 1 is 1e-3
+
+
+def test_triton_fp32_matches_fp64():
+    problem = _problem(1, 1, 2, 144, 64, 64, 0.6, torch.float32)
+    # fp32 in the interpreter is exact fp32 (tf32 on a GPU: looser)
+    atol = 2e-3 if DEVICE == "cuda" else 1e-5
+    _check_against_fp64(*problem, backend="triton", atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_backend_matches_fp64(dtype):
+    problem = _problem(2, 2, 3, 150, 32, 32, 0.4, dtype, per_head=(0.1, 0.5, 1.0), device="cpu")
+    _check_against_fp64(*problem, backend="reference", atol=1e-5)  # softmax and matmuls run in fp32
+
+
+def test_triton_matches_flex_with_the_same_block_mask():
+    index, q, k, v, do = _problem(3, 1, 2, 192, 32, 64, 0.5, torch.float32, per_head=(0.34, 1.0))
+    mask = index.to_block_mask()
+    ours = _run(lambda *t: sparse_attention(*t, mask, backend="triton"), q, k, v, do)
+    if DEVICE == "cpu":  # eager FlexAttention: no backward, and it needs the token mask_mod
+        flex = [flex_attention(q, k, v, block_mask=index.to_block_mask(token_mask_mod=True))]
+    else:
+        flex = _run(lambda *t: flex_attention(*t, block_mask=mask), q, k, v, do)
+    for name, mine, theirs in zip(("out", "dq", "dk", "dv"), ours, flex):
+        # two fp32 orders of summation (tf32 dots on a GPU)
+        torch.testing.assert_close(mine, theirs, atol=1e-4 if DEVICE == "cpu" else 3e-3, rtol=1e-4, msg=name)
+
+
+def test_flex_backend_matches_reference_backend():
+    index, q, k, v, _ = _problem(4, 1, 2, 100, 16, 32, 0.5, torch.float32, device="cpu")
+    flex = sparse_attention_index(q, k, v, index, backend="flex")
+    reference = sparse_attention_index(q, k, v, index, backend="reference")
+    torch.testing.assert_close(flex, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_index_broadcast_over_batch_and_heads():
+    index, q, k, v, _ = _problem(5, 2, 3, 96, 16, 32, 0.5, torch.float32, device="cpu")
+    shared = BlockIndex(index.counts[:1, :1], index.indices[:1, :1], index.block_size, index.seq_len)
+    out = sparse_attention_index(q, k, v, shared, backend="reference")
+    expected = dense_masked_attention(q, k, v, shared.expand(2, 3), q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_clear_errors():
+    index, q, k, v, _ = _problem(6, 1, 2, 64, 16, 32, 0.5, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="one shape"):
+        sparse_attention_index(q, k[:, :, :32], v, index)
+    with pytest.raises(TypeError, match="one dtype"):
+        sparse_attention_index(q, k.half(), v, index)
+    with pytest.raises(ValueError, match=r"\(B, H, S, D\)"):
+        sparse_attention_index(q[0], k[0], v[0], index)
+    with pytest.raises(ValueError, match="sequence of 64 tokens, q has 32"):
+        sparse_attention_index(q[:, :, :32], k[:, :, :32], v[:, :, :32], index)
+    with pytest.raises(ValueError, match=r"\(B, H\) = \(1, 2\), q has \(1, 3\)"):
+        sparse_attention_index(*(torch.cat([t, t[:, :1]], 1) for t in (q, k, v)), index)
+    with pytest.raises(ValueError, match="backend"):
+        sparse_attention_index(q, k, v, index, backend="cudnn")
+    with pytest.raises(TypeError, match="takes"):
+        sparse_attention_index(q.double(), k.double(), v.double(), index, backend="triton")
+    with pytest.raises(ValueError, match="is on meta"):
+        sparse_attention_index(q, k, v, BlockIndex(index.counts.to("meta"), index.indices.to("meta"), 32, 64))
+    with pytest.raises(TypeError, match="BlockMask"):
+        sparse_attention(q, k, v, index)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 96, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("block", [64, 128], ids=lambda b: f"block{b}")
+def test_gpu_bf16_matches_fp64(head_dim, block):
+    problem = _problem(7, 2, 3, 1000, head_dim, block, 0.3, torch.bfloat16, per_head=(0.05, 0.3, 1.0))
+    _check_against_fp64(*problem, backend="triton", atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_backward_is_deterministic():
+    index, q, k, v, do = _problem(8, 1, 4, 2048, 128, 128, 0.2, torch.bfloat16)
+    first = _run(lambda *t: sparse_attention_index(*t, index), q, k, v, do)
+    second = _run(lambda *t: sparse_attention_index(*t, index), q, k, v, do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
