@@ -1,0 +1,62 @@
+"""A pretend world of N ranks in one process (torch.distributed's fake backend), and the loop
+that traces each role's step in it."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from math import prod
+
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from echosim.graph import Trace, validate
+from echosim.trace.recorder import Recorder
+
+StepFactory = Callable[[DeviceMesh], Callable[[], None]]
+
+
+@contextmanager
+def fake_world(*, rank: int, mesh_shape: dict[str, int], device: str = "cpu") -> Iterator[DeviceMesh]:
+    """Be rank `rank` of a world shaped `mesh_shape` (collectives return at once); yields the mesh."""
+    world_size = prod(mesh_shape.values())
+    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
+    try:
+        yield init_device_mesh(device, tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
+    finally:
+        dist.destroy_process_group()
+
+
+def mesh_groups(mesh: DeviceMesh) -> dict[str, tuple[str, list[list[int]]]]:
+    """Process-group name -> (mesh dimension name, the partition of the world it belongs to)."""
+    out = {}
+    for dim, name in enumerate(mesh.mesh_dim_names):
+        size = mesh.mesh.shape[dim]
+        partition = mesh.mesh.movedim(dim, -1).reshape(-1, size).tolist()
+        out[mesh.get_group(dim).group_name] = (name, partition)
+    return out
+
+
+def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: list[list[int]],
+                device: str = "cpu", fake_tensors: bool = True, measure: bool = False, warmup_steps: int = 1,
+                meta: dict | None = None) -> list[Trace]:
+    """One validated Trace per role (a list of ranks doing identical work), recorded as the role's
+    first rank after `warmup_steps` steps (FSDP2 and optimizers initialise lazily on the first).
+    `make_step(mesh)` builds the model and returns the step; with `fake_tensors` it runs under
+    FakeTensorMode, so nothing is allocated or computed and durations come from the kernel model."""
+    traces = []
+    for ranks in roles:
+        with fake_world(rank=ranks[0], mesh_shape=mesh_shape, device=device) as mesh:
+            labels = mesh_groups(mesh)
+            with FakeTensorMode(allow_non_fake_inputs=True) if fake_tensors else nullcontext():
+                step = make_step(mesh)
+                for _ in range(warmup_steps):
+                    step()
+                with Recorder(group_labels=labels, measure=measure) as recorder:
+                    step()
+            trace = recorder.trace(ranks=list(ranks), meta={**(meta or {}), "traced_rank": ranks[0],
+                                                            "mesh": mesh_shape})
+        validate(trace, source=f"trace of rank {ranks[0]}")
+        traces.append(trace)
+    return traces

@@ -1,0 +1,155 @@
+"""Record one rank's step as an execution graph, at the dispatcher (a TorchDispatchMode).
+
+Every aten op that does work becomes a COMP node (shapes, dtype, FLOPs from
+torch.utils.flop_counter, bytes touched); every collective becomes a COMM node. Dependencies
+follow storage: a node depends on the last node that wrote any storage it touches (views share
+storage, so they need no nodes of their own). Streams mirror FSDP2's CUDA streams:
+
+- compute ops run on "compute"; FSDP2's copy-in kernels run on the stream of their collective;
+- all-gathers run on "ag", reduce-scatters and all-reduces on "rs", the rest on "comm";
+- FSDP2 bounds all-gather prefetching by memory: an all-gather waits until the output of the
+  all-gather `depth` before it has been copied out (depth 2 in forward, 1 in backward).
+
+With `measure=True` (CUDA tensors) each compute op is timed with CUDA events.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from echosim.graph import Node, Trace
+from echosim.trace.collectives import describe, is_collective_op
+from echosim.trace.flops import op_flops
+
+FREE_OPS = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+            "aten.detach", "aten.lift_fresh", "aten.alias", "aten._unsafe_view", "aten._reshape_alias", "aten.set_", "aten.resize_", "aten.record_stream",
+            "aten._local_scalar_dense", "aten.is_same_size", "aten.sym_size", "aten.sym_stride",
+            "aten.sym_numel", "aten.sym_storage_offset"}
+COLLECTIVE_STREAMS = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "rs"}
+OP_STREAMS = {"fsdp.all_gather_copy_in": "ag", "fsdp.chunk_cat": "rs"}
+PREFETCH_DEPTH = {"forward": 2, "backward": 1}
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
+
+
+def _dtype(tensors: list[torch.Tensor]) -> str:
+    return str(tensors[0].dtype).removeprefix("torch.") if tensors else ""
+
+
+class Recorder(TorchDispatchMode):
+    """Collects the nodes of one rank's step; `trace()` turns them into a Trace."""
+
+    def __init__(self, *, group_labels: dict[str, tuple[str, list[list[int]]]] | None = None,
+                 measure: bool = False):
+        super().__init__()
+        self.group_labels = dict(group_labels or {})  # process-group name -> (label, partition)
+        self.groups: dict[str, list[list[int]]] = {}
+        self.nodes: list[Node] = []
+        self.measure = measure
+        self._events: list[tuple[Node, torch.cuda.Event, torch.cuda.Event]] = []
+        self._writer: dict[int, tuple[StorageWeakRef, int]] = {}  # storage -> last node that wrote it
+        self._consumer: dict[int, int] = {}  # collective node -> first compute node that read its output
+        self._gathers: list[int] = []  # all-gather nodes in issue order
+
+    # -- dependencies through storage
+    def _storage_key(self, t: torch.Tensor) -> int | None:
+        try:
+            return t.untyped_storage()._cdata
+        except (NotImplementedError, RuntimeError):
+            return None
+
+    def _deps(self, tensors: list[torch.Tensor]) -> list[int]:
+        deps = set()
+        for t in tensors:
+            entry = self._writer.get(self._storage_key(t))
+            if entry is not None and not entry[0].expired():
+                deps.add(entry[1])
+        return sorted(deps)
+
+    def _wrote(self, tensors: list[torch.Tensor], node_id: int) -> None:
+        for t in tensors:
+            key = self._storage_key(t)
+            if key is not None:
+                self._writer[key] = (StorageWeakRef(t.untyped_storage()), node_id)
+
+    def _add(self, node: Node, written: list[torch.Tensor]) -> Node:
+        self.nodes.append(node)
+        self._wrote(written, node.id)
+        return node
+
+    # -- dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(t, DTensor) for t in tree_leaves((args, kwargs))):
+            return NotImplemented  # let DTensor run its local ops, which come back here
+        name = str(func._overloadpacket)
+        if func.is_view or name in FREE_OPS or name.startswith(("profiler.", "prim.")):
+            return func(*args, **kwargs)
+        if is_collective_op(func):
+            out = func(*args, **kwargs)
+            info = describe(func, args, out)
+            if info is not None:
+                self._collective(info, _tensors((args, kwargs)) + _tensors(out))
+            return out
+        inputs = _tensors((args, kwargs))
+        if self.measure:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        out = func(*args, **kwargs)
+        outputs = _tensors(out)
+        mutated = [a for a, arg in zip(args, func._schema.arguments) if arg.alias_info and arg.alias_info.is_write]
+        mutated += [kwargs[arg.name] for arg in func._schema.arguments
+                    if arg.kwarg_only and arg.name in kwargs and arg.alias_info and arg.alias_info.is_write]
+        node = Node(id=len(self.nodes), kind="COMP", name=name, stream=OP_STREAMS.get(name, "compute"),
+                    deps=self._deps(inputs + _tensors(mutated)), shapes=[list(t.shape) for t in inputs],
+                    dtype=_dtype(outputs or inputs), flops=op_flops(func, args, kwargs, out),
+                    bytes=float(sum(t.nbytes for t in inputs + outputs)))
+        if node.flops or node.bytes:
+            if node.stream == "compute":
+                for dep in node.deps:
+                    self._consumer.setdefault(dep, node.id)
+            self._add(node, outputs + _tensors(mutated))
+            if self.measure:
+                end.record()
+                self._events.append((node, start, end))
+        return out
+
+    def _collective(self, info, tensors: list[torch.Tensor]) -> None:
+        label = self._group_label(info.group)
+        kind = {"send": "COMM_SEND", "recv": "COMM_RECV"}.get(info.name, "COMM_COLL")
+        stream = COLLECTIVE_STREAMS.get(info.name, "comm")
+        deps = self._deps(tensors)
+        if info.name == "all_gather":
+            phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+            depth = PREFETCH_DEPTH[phase]
+            if len(self._gathers) >= depth and self._gathers[-depth] in self._consumer:
+                deps = sorted(set(deps) | {self._consumer[self._gathers[-depth]]})
+            self._gathers.append(len(self.nodes))
+        self._add(Node(id=len(self.nodes), kind=kind, name=info.name, stream=stream, deps=deps, group=label,
+                       bytes=info.bytes, split_bytes=info.split_bytes, peer=info.peer), tensors)
+
+    def _group_label(self, group: dist.ProcessGroup) -> str:
+        key = group.group_name
+        if key not in self.group_labels:
+            members = dist.get_process_group_ranks(group)
+            world = dist.get_world_size()
+            label = "world" if len(members) == world else f"pg{key}"
+            self.group_labels[key] = (label, [list(range(world))] if label == "world" else [members])
+        label, partition = self.group_labels[key]
+        self.groups[label] = partition
+        return label
+
+    def trace(self, *, ranks: list[int], meta: dict | None = None) -> Trace:
+        """The recorded step as a Trace standing for `ranks`."""
+        if self.measure:
+            torch.cuda.synchronize()
+            for node, start, end in self._events:
+                node.duration_us = start.elapsed_time(end) * 1e3
+        return Trace(world_size=dist.get_world_size(), ranks=ranks, groups=dict(self.groups),
+                     nodes=list(self.nodes), meta=meta or {})

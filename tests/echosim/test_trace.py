@@ -1,0 +1,116 @@
+"""Tracing under the fake process group: the DiT at world size 8 with FSDP2, and a user step."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
+
+from dsv.models.dit import DIT_PRESETS, matmul_params_per_token, param_count
+from echosim.hw import load_cluster
+from echosim.kernels import op_class
+from echosim.report import breakdowns
+from echosim.simulate import predict
+from echosim.trace import trace_roles
+from echosim.trace.dit import DiTWorkload
+
+WORLD = 8
+
+
+def trace_dit(density):
+    workload = DiTWorkload(preset="tiny", frames=8, height=32, width=32, density=density)
+    [trace] = trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(WORLD), roles=workload.roles(WORLD))
+    return trace
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return trace_dit(1.0)
+
+
+def collectives(trace, name):
+    return [n for n in trace.nodes if n.name == name]
+
+
+def test_one_trace_stands_for_all_fsdp_ranks(dense):
+    assert dense.ranks == list(range(WORLD)) and dense.groups == {"dp": [list(range(WORLD))]}
+
+
+def test_fsdp_gathers_each_block_in_forward_and_backward_and_reduces_once(dense):
+    cfg = DIT_PRESETS["tiny"]()
+    d, head_dim = cfg.hidden, cfg.head_dim
+    block = 18 * d * d + 15 * d + 2 * head_dim  # adaLN 6d^2+6d, qkv 3d^2+3d, out d^2+d, MLP 8d^2+5d, qk-norm
+    assert block == sum(p.numel() for p in _meta_block_params())
+    root = param_count(cfg) - cfg.depth * block
+    gathers = [n.bytes for n in collectives(dense, "all_gather")]
+    reduces = [n.bytes for n in collectives(dense, "reduce_scatter")]
+    # bf16 all-gathers: root then 4 blocks forward, 4 blocks again in backward (resharded after forward)
+    assert gathers == [2 * root] + [2 * block] * 4 + [2 * block] * 4
+    # fp32 reduce-scatters, one per block in backward, then the root
+    assert reduces == [4 * block] * 4 + [4 * root]
+    # before the first reduce-scatter: 5 forward gathers, the last block's and (prefetched) the one before
+    first_reduce = collectives(dense, "reduce_scatter")[0].id
+    assert sum(n.id < first_reduce for n in collectives(dense, "all_gather")) == 5 + 2
+    assert {n.stream for n in collectives(dense, "all_gather")} == {"ag"}
+    assert {n.stream for n in collectives(dense, "reduce_scatter")} == {"rs"}
+
+
+def _meta_block_params():
+    from dsv.models.dit import VideoDiT
+    with torch.device("meta"):
+        return VideoDiT(DIT_PRESETS["tiny"]()).blocks[0].parameters()
+
+
+def attention_flops(trace):
+    return sum(n.flops for n in trace.nodes if op_class(n.name) == "attention")
+
+
+def test_flops_match_the_model_formulas(dense):
+    cfg = DIT_PRESETS["tiny"]()
+    tokens = 8 * (32 // 4) * (32 // 4)  # grid (8, 8, 8)
+    # forward 2 matmuls (QK^T, PV) = 4*S^2*hidden; torch counts backward as 2.5x forward
+    assert attention_flops(dense) == cfg.depth * 3.5 * 4 * tokens**2 * cfg.hidden
+    gemm = sum(n.flops for n in dense.nodes if op_class(n.name) == "gemm")
+    reference = 6 * matmul_params_per_token(cfg) * tokens  # token-wise linears; adaLN/embedders add ~1%
+    assert gemm == pytest.approx(reference, rel=0.02)
+
+
+def test_sparse_attention_costs_its_density(dense):
+    sparse = trace_dit(0.25)
+    assert attention_flops(sparse) == 0.25 * attention_flops(dense)
+    assert [n.bytes for n in sparse.nodes if n.is_comm] == [n.bytes for n in dense.nodes if n.is_comm]
+
+
+def test_simulated_step_of_the_traced_dit(dense):
+    timeline = predict([dense], load_cluster("dgx_h100"))
+    parts = breakdowns(timeline)
+    assert len({(b.compute_us, b.exposed_comm_us, b.waiting_us) for b in parts}) == 1  # identical ranks
+    b = parts[0]
+    assert b.compute_us + b.exposed_comm_us + b.waiting_us + b.idle_us == pytest.approx(timeline.step_us)
+    serial = sum(s.end_us - s.start_us for s in timeline.spans if s.rank == 0 and s.stream == "compute")
+    assert serial <= timeline.step_us and b.waiting_us == 0
+
+
+def user_step(mesh):
+    """A hand-written step on a (dp=2, tp=4) mesh: all-reduce over tp, uneven all-to-all over dp."""
+    tp, dp = mesh.get_group("tp"), mesh.get_group("dp")
+    x = torch.randn(16, 32)
+    w = torch.randn(32, 32)
+
+    def step():
+        y = x @ w
+        dist.all_reduce(y, group=tp)
+        funcol.wait_tensor(funcol.all_to_all_single(y[:6].contiguous(), [1, 5], [2, 4], dp))
+
+    return step
+
+
+def test_user_step_records_groups_sizes_and_splits():
+    traces = trace_roles(user_step, mesh_shape={"dp": 2, "tp": 4}, roles=[[0, 1, 2, 3], [4, 5, 6, 7]])
+    first = traces[0]
+    assert first.groups == {"tp": [[0, 1, 2, 3], [4, 5, 6, 7]], "dp": [[0, 4], [1, 5], [2, 6], [3, 7]]}
+    mm, reduce, a2a = first.nodes
+    assert (mm.name, mm.flops, mm.shapes) == ("aten.mm", 2 * 16 * 32 * 32, [[16, 32], [32, 32]])
+    assert (reduce.name, reduce.group, reduce.bytes, reduce.deps) == ("all_reduce", "tp", 16 * 32 * 4, [0])
+    assert (a2a.name, a2a.group, a2a.bytes, a2a.split_bytes) == ("all_to_all", "dp", 6 * 128, [256, 512])
+    assert traces[1].ranks == [4, 5, 6, 7] and traces[1].meta["traced_rank"] == 4
+    timeline = predict(traces, load_cluster("dgx_h100"))
+    assert len([s for s in timeline.spans if s.name == "all_to_all"]) == 8
