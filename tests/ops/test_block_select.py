@@ -22,6 +22,7 @@ from dsv.ops.block_select import (  # noqa: E402
 )
 
 BLOCK = 16
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: compiled on GPU, interpreted on CPU
 SEQ = 77  # 5 blocks, the last one of 13 tokens
 
 
@@ -66,10 +67,12 @@ def test_torch_mass_equals_naive(mode):
 @pytest.mark.parametrize("dtype,rank", [(torch.float32, 16), (torch.float16, 16), (torch.float32, 12)])
 def test_triton_mass_equals_naive(mode, dtype, rank):
     q, k = low_rank(b=1, h=2, r=rank, dtype=dtype, seed=1)
-    mass = estimate_block_mass(q, k, block_size=BLOCK, mode=mode, scale=0.3, use_triton=True)
+    mass = estimate_block_mass(
+        q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), block_size=BLOCK, mode=mode, scale=0.3, use_triton=True
+    ).cpu()
     ref = naive_mass(q, k, BLOCK, 0.3, mode)  # from the same (rounded) inputs
-    # fp32 accumulation; fp16 pooled queries are rounded to fp16 before the dot (~5e-4 relative)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    # fp32 accumulation (tf32 dot on GPU); fp16 pooled queries are rounded before the dot (~5e-4 relative)
+    tol = (1e-5 if KERNEL_DEVICE == "cpu" else 2e-3) if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(mass.double(), ref, atol=tol, rtol=tol)
 
 
@@ -89,6 +92,12 @@ def test_top_k_picks_the_k_largest():
     assert index.seq_len == SEQ and index.block_size == BLOCK
 
 
+def select(mass, *, use_triton=False, **rules):
+    """select_from_mass with the Triton path on KERNEL_DEVICE; the index comes back on the CPU."""
+    index = select_from_mass(mass.to(KERNEL_DEVICE if use_triton else "cpu"), use_triton=use_triton, **rules)
+    return BlockIndex(counts=index.counts.cpu(), indices=index.indices.cpu(), block_size=index.block_size, seq_len=index.seq_len)
+
+
 def random_mass(b=1, h=3, n=9, seed=2):
     g = torch.Generator().manual_seed(seed)
     return torch.softmax(3 * torch.randn(b, h, n, n, generator=g), -1)
@@ -102,7 +111,7 @@ SELECTORS = pytest.mark.parametrize("use_triton", [False, True], ids=["sort", "t
 def test_top_p_picks_the_smallest_covering_set(keep_diagonal, use_triton):
     mass = random_mass()
     top_p = torch.tensor([0.5, 0.8, 0.95])  # one mass fraction per head
-    index = select_from_mass(
+    index = select(
         mass, block_size=BLOCK, seq_len=9 * BLOCK - 3, top_p=top_p, keep_diagonal=keep_diagonal, use_triton=use_triton
     )
     selected = index.to_dense()
@@ -128,25 +137,25 @@ def test_budgets_clamps_and_diagonal(use_triton):
     n = 10
     rules = dict(block_size=BLOCK, seq_len=n * BLOCK, use_triton=use_triton)
     fractions = torch.tensor([0.05, 0.25, 1.0])
-    index = select_from_mass(mass, budget=fractions, top_k=7, **rules)
+    index = select(mass, budget=fractions, top_k=7, **rules)
     assert torch.equal(index.counts[0, :, 0], torch.tensor([1, 3, 10], dtype=torch.int32))  # ceil(f * n)
     counts_budget = torch.tensor([2, 4, 6])
-    index = select_from_mass(mass, budget=counts_budget, min_blocks=3, max_blocks=5, **rules)
+    index = select(mass, budget=counts_budget, min_blocks=3, max_blocks=5, **rules)
     assert torch.equal(index.counts[0, :, 0], torch.tensor([3, 4, 5], dtype=torch.int32))
     assert index.to_dense().diagonal(dim1=-2, dim2=-1).all()
-    index = select_from_mass(mass, top_p=1e-3, min_blocks=2, keep_diagonal=False, **rules)
+    index = select(mass, top_p=1e-3, min_blocks=2, keep_diagonal=False, **rules)
     assert (index.counts == 2).all()
     # the two heaviest blocks, indices ascending, padding zero
     expected = torch.topk(mass, 2, -1).indices.sort(-1).values
     assert torch.equal(index.indices.long(), expected)
     with pytest.raises(ValueError, match="not both"):
-        select_from_mass(mass, top_k=2, top_p=0.5, **rules)
+        select(mass, top_k=2, top_p=0.5, **rules)
 
 
 @SELECTORS
 def test_indices_are_ascending_with_zero_padding(use_triton):
     mass = random_mass(n=8)
-    index = select_from_mass(mass, block_size=BLOCK, seq_len=8 * BLOCK, top_p=0.7, use_triton=use_triton)
+    index = select(mass, block_size=BLOCK, seq_len=8 * BLOCK, top_p=0.7, use_triton=use_triton)
     width = index.indices.shape[-1]
     valid = torch.arange(width) < index.counts[..., None]
     assert (index.indices[~valid] == 0).all()
@@ -158,14 +167,14 @@ def test_indices_are_ascending_with_zero_padding(use_triton):
 @pytest.mark.parametrize("rule", [dict(top_k=4), dict(top_p=0.85), dict(budget=torch.tensor([0.2, 0.7]))])
 def test_triton_selection_equals_sorting(rule):
     mass = random_mass(b=2, h=2, n=13, seed=8)  # 13 blocks: a power-of-two padded row
-    sort, kernel = (select_from_mass(mass, block_size=BLOCK, seq_len=13 * BLOCK, use_triton=t, **rule) for t in (False, True))
+    sort, kernel = (select(mass, block_size=BLOCK, seq_len=13 * BLOCK, use_triton=t, **rule) for t in (False, True))
     assert torch.equal(sort.counts, kernel.counts) and torch.equal(sort.indices, kernel.indices)
 
 
 def test_triton_selection_breaks_ties_by_lowest_id():
     mass = torch.zeros(1, 1, 6, 6)
     mass[..., 4] = 1.0  # every other block has mass exactly 0
-    index = select_from_mass(mass, block_size=BLOCK, seq_len=6 * BLOCK, top_k=3, keep_diagonal=False, use_triton=True)
+    index = select(mass, block_size=BLOCK, seq_len=6 * BLOCK, top_k=3, keep_diagonal=False, use_triton=True)
     assert (index.counts == 3).all()
     assert torch.equal(index.indices.long(), torch.tensor([0, 1, 4]).expand(1, 1, 6, 3))
 
@@ -211,7 +220,11 @@ def planted(seed=6, blocks=6, tail=11):
 @pytest.mark.parametrize("mode,use_triton", [("exact", False), ("fast", False), ("fast", True)])
 def test_planted_pattern_is_recovered(mode, use_triton):
     q, k, targets = planted()
-    index = select_blocks(q, k, block_size=BLOCK, top_k=2, keep_diagonal=False, mode=mode, use_triton=use_triton)
+    device = KERNEL_DEVICE if use_triton else "cpu"
+    index = select_blocks(
+        q.to(device), k.to(device), block_size=BLOCK, top_k=2, keep_diagonal=False, mode=mode, use_triton=use_triton
+    )
+    index = BlockIndex(counts=index.counts.cpu(), indices=index.indices.cpu(), block_size=BLOCK, seq_len=q.shape[2])
     assert torch.equal(index.indices.long(), targets.expand(1, 2, -1, -1))
     assert (mass_recall(q, k, index, scale=0.25) > 0.9).all()
 

@@ -20,7 +20,8 @@ from torch import Tensor
 from dsv.ops.block_select.mass import num_blocks, pool_queries
 
 LOG2_E = math.log2(math.e)
-FAST_ROWS = 64  # pooled queries per program in "fast" mode
+FAST_ROWS = (64, 32, 16)  # pooled queries per program in "fast" mode, largest that fills the GPU
+PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -78,6 +79,14 @@ def _block_mass_kernel(
         start += BLOCK_N
 
 
+def _fast_rows(n_pooled: int, batch_heads: int, device: torch.device) -> int:
+    """Fewer pooled rows per program when there are too few programs to fill the SMs."""
+    if device.type != "cuda":
+        return FAST_ROWS[-1]
+    target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return next((rows for rows in FAST_ROWS if triton.cdiv(n_pooled, rows) * batch_heads >= target), FAST_ROWS[-1])
+
+
 def block_mass_triton(q_lr: Tensor, k_lr: Tensor, *, block_size: int, scale: float, mode: str) -> Tensor:
     """Launch the kernel: (B, H, S, R) x2 -> (B, H, NQ, NKV) float32."""
     b, h, s, r = q_lr.shape
@@ -87,7 +96,8 @@ def block_mass_triton(q_lr: Tensor, k_lr: Tensor, *, block_size: int, scale: flo
     k = k_lr.reshape(b * h, s, r).contiguous()
     if mode == "fast":
         rows = pool_queries(q_lr, block_size).to(k.dtype).reshape(b * h, n, r)  # (BH, NQ, R)
-        block_m, grid_m = FAST_ROWS, triton.cdiv(n, FAST_ROWS)
+        block_m = _fast_rows(n, b * h, q_lr.device)
+        grid_m = triton.cdiv(n, block_m)
     else:
         rows = q_lr.reshape(b * h, s, r)  # (BH, S, R)
         block_m, grid_m = block_size, n

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-KEY_BITS = 31  # keys are >= 0 floats: their int32 bit patterns order like the floats
+KEY_BITS = tl.constexpr(31)  # keys are >= 0 floats: their int32 bit patterns order like the floats
 
 
 @triton.jit
