@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-KEY_BITS = tl.constexpr(31)  # keys are >= 0 floats: their int32 bit patterns order like the floats
+KEY_BITS = 31  # keys are >= 0 floats: their int32 bit patterns order like the floats
 
 
 @triton.jit
 def _select_rows_kernel(
     mass_ptr, top_ptr, counts_ptr, indices_ptr,
     n_kv, n_q, heads, min_blocks, max_blocks, width,
-    BLOCK_KV: tl.constexpr, TOP_P: tl.constexpr, KEEP_DIAGONAL: tl.constexpr,
+    BLOCK_KV: tl.constexpr, TOP_P: tl.constexpr, KEEP_DIAGONAL: tl.constexpr, KEY_BITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     query_block = row % n_q
@@ -85,7 +85,7 @@ def select_rows_triton(
     _select_rows_kernel[(b * h * nq,)](
         mass, per_head.contiguous(), counts, indices,
         n, nq, h, min_blocks, max_blocks, width,
-        BLOCK_KV=block_kv, TOP_P=top_p, KEEP_DIAGONAL=keep_diagonal,
+        BLOCK_KV=block_kv, TOP_P=top_p, KEEP_DIAGONAL=keep_diagonal, KEY_BITS=KEY_BITS,
         num_warps=max(1, min(8, block_kv // 256)),
     )
     return counts, indices
