@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
 
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -34,6 +35,9 @@ class TrainState(Stateful):
     @torch.no_grad()
     def swap_ema(self) -> None:
         """Exchange live and EMA weights (call twice to restore); used for sampling."""
+        for module in self.model.modules():  # FSDP keeps the root unsharded after a no-grad forward
+            if isinstance(module, FSDPModule):
+                module.reshard()
         for name, p in self.model.named_parameters():
             ema = self.ema[clean_name(name)]
             live = p.detach().clone()
