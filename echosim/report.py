@@ -79,7 +79,7 @@ def format_summary(data: dict) -> str:
                      f"   (rank {crit['rank']}; mean over ranks {data['mean'][key] / 1e3:.3f} ms)")
     lines.append("top operations on that rank:")
     for op in data["top_ops"]:
-        lines.append(f"  {op['name'][:40]:40s} {op['kind']:9s} x{op['count']:<5d} {op['total_us'] / 1e3:10.3f} ms")
+        lines.append(f"  {op['name'][:60]:60s} {op['kind']:9s} x{op['count']:<5d} {op['total_us'] / 1e3:10.3f} ms")
     return "\n".join(lines)
 
 

@@ -26,9 +26,9 @@ from echosim.trace.collectives import describe, is_collective_op
 from echosim.trace.flops import op_flops
 
 FREE_OPS = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
-            "aten.detach", "aten.lift_fresh", "aten.alias", "aten._unsafe_view", "aten._reshape_alias", "aten.set_", "aten.resize_", "aten.record_stream",
-            "aten._local_scalar_dense", "aten.is_same_size", "aten.sym_size", "aten.sym_stride",
-            "aten.sym_numel", "aten.sym_storage_offset"}
+            "aten.detach", "aten.lift_fresh", "aten.alias", "aten._unsafe_view", "aten._reshape_alias",
+            "aten.set_", "aten.resize_", "aten.record_stream", "aten._local_scalar_dense", "aten.is_same_size",
+            "aten.sym_size", "aten.sym_stride", "aten.sym_numel", "aten.sym_storage_offset"}
 COLLECTIVE_STREAMS = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "rs"}
 OP_STREAMS = {"fsdp.all_gather_copy_in": "ag", "fsdp.chunk_cat": "rs"}
 PREFETCH_DEPTH = {"forward": 2, "backward": 1}

@@ -1,0 +1,153 @@
+"""`echosim trace | simulate | calibrate | validate`: predict a distributed step from one device.
+
+    echosim trace --preset tiny --fsdp 8 --out runs/echosim/tiny8
+    echosim simulate --preset 1.3B --frames 16 --height 64 --width 64 --fsdp 128 --cluster dgx_h100 \
+        --out runs/echosim/dit1.3b_128
+    echosim simulate --traces runs/echosim/tiny8 --cluster my_cluster.json --out runs/echosim/tiny8
+    echosim simulate --step mypkg.train:make_step --mesh dp=2,tp=4 --cluster dgx_h200 --out runs/x
+    echosim calibrate --kernels --gpu h100            # on an H100; --nccl --cluster dgx_h200 --gpus 2 4
+    echosim validate --preset 1.3B --gpus 1 2 4 --cluster dgx_h200
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from dataclasses import asdict, fields
+from math import prod
+from pathlib import Path
+
+from echosim.graph import load_trace
+from echosim.hw import HW_DIR, load_cluster, load_gpu
+from echosim.report import format_summary, write_outputs
+from echosim.simulate import predict
+from echosim.trace import trace_roles
+from echosim.trace.dit import DiTWorkload
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per field, with the field's help text and default."""
+    for f in fields(cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def _dataclass_from(args: argparse.Namespace, cls):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+    return {name: int(size) for name, size in (part.split("=") for part in text.split(","))}
+
+
+def _traces(args: argparse.Namespace) -> list:
+    """Traces from --traces DIR, from a user --step factory, or of the DiT workload."""
+    if args.traces:
+        return [load_trace(p) for p in sorted(Path(args.traces).glob("trace_rank*.json"))]
+    if args.step:
+        module, func = args.step.split(":")
+        mesh = _parse_mesh(args.mesh)
+        ranks = list(range(prod(mesh.values())))
+        roles = [[r] for r in ranks] if args.trace_every_rank else [ranks]
+        return trace_roles(getattr(importlib.import_module(module), func), mesh_shape=mesh, roles=roles,
+                           meta={"step": args.step})
+    workload = _dataclass_from(args, DiTWorkload)
+    return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(args.fsdp),
+                       roles=workload.roles(args.fsdp), meta={"workload": "dit", **asdict(workload), "fsdp": args.fsdp})
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for trace in _traces(args):
+        trace.save(out / f"trace_rank{trace.meta['traced_rank']}.json")
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    traces = _traces(args)
+    timeline = predict(traces, load_cluster(args.cluster))
+    meta = {**traces[0].meta, "cluster": args.cluster}
+    shown = list(range(min(args.trace_ranks, timeline.world_size)))
+    print(format_summary(write_outputs(timeline, args.out, meta=meta, trace_ranks=shown)))
+    print(f"wrote {args.out}/summary.json and {args.out}/timeline.json (open in https://ui.perfetto.dev)")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    if args.kernels:
+        from echosim.hw.calibrate_kernels import calibrate_kernels, database_from_nodes
+
+        database = {}
+        if args.preset:
+            workload = _dataclass_from(args, DiTWorkload)
+            [trace] = trace_roles(workload.make_step, mesh_shape={"dp": 1}, roles=[[0]], device="cuda",
+                                  fake_tensors=False, measure=True)
+            database = database_from_nodes(trace.nodes)
+        profile = calibrate_kernels(load_gpu(args.gpu), database)
+        _write(HW_DIR / f"{args.gpu}.json", asdict(profile))
+    if args.nccl:
+        from echosim.hw.calibrate_nccl import fit_cluster, run_sweeps
+
+        cluster = load_cluster(args.cluster)
+        fitted = fit_cluster(cluster, run_sweeps(args.gpus, sorted(cluster.protocols)))
+        _write(HW_DIR / f"{args.cluster}.json", asdict(fitted))
+
+
+def _write(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from echosim.validate import validate
+
+    validate(_dataclass_from(args, DiTWorkload), args.gpus, load_cluster(args.cluster), steps=args.steps,
+             measure=args.measure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echosim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (("trace", cmd_trace, "record each role's step as trace JSON files"),
+                             ("simulate", cmd_simulate, "predict the step time; write summary and Chrome trace")):
+        p = sub.add_parser(name, help=text)
+        p.set_defaults(func=func)
+        add_dataclass_args(p, DiTWorkload)
+        p.add_argument("--fsdp", type=int, default=8, help="FSDP degree = world size of the DiT workload")
+        p.add_argument("--step", default="", help="module:function taking a DeviceMesh, returning a step()")
+        p.add_argument("--mesh", default="dp=8", help="mesh of --step, e.g. dp=2,tp=4")
+        p.add_argument("--trace-every-rank", action="store_true", help="--step ranks differ: trace each")
+        p.add_argument("--out", required=True, help="output directory")
+    simulate = sub.choices["simulate"]
+    simulate.add_argument("--traces", default="", help="replay trace_rank*.json files of this directory")
+    simulate.add_argument("--cluster", default="dgx_h100", help="shipped cluster name or cluster JSON file")
+    simulate.add_argument("--trace-ranks", type=int, default=16, help="ranks shown in timeline.json")
+    sub.choices["trace"].set_defaults(traces="")
+
+    cal = sub.add_parser("calibrate", help="measure kernels and NCCL on this machine's GPUs")
+    cal.set_defaults(func=cmd_calibrate)
+    add_dataclass_args(cal, DiTWorkload)
+    cal.set_defaults(preset="")
+    cal.add_argument("--kernels", action="store_true", help="sweep kernels, write hw/<gpu>.json")
+    cal.add_argument("--gpu", default="h100", help="GPU profile to update")
+    cal.add_argument("--nccl", action="store_true", help="sweep NCCL collectives, write hw/<cluster>.json")
+    cal.add_argument("--cluster", default="dgx_h200", help="cluster file to update")
+    cal.add_argument("--gpus", type=int, nargs="+", default=[2, 4], help="GPU counts to sweep")
+
+    val = sub.add_parser("validate", help="run real steps on local GPUs and compare with the prediction")
+    val.set_defaults(func=cmd_validate)
+    add_dataclass_args(val, DiTWorkload)
+    val.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4], help="GPU counts to run")
+    val.add_argument("--cluster", default="dgx_h200", help="cluster whose GPU profile and links predict")
+    val.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    val.add_argument("--measure", action="store_true", help="time compute ops on this GPU instead of modelling")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
