@@ -45,8 +45,6 @@ class DiTConfig:
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width = int(hidden * mlp_ratio)"})
     num_classes: int = field(default=0, metadata={
         "help": "class labels (0 = unconditional); label index num_classes is the null label of CFG"})
-    class_dropout: float = field(default=0.1, metadata={
-        "help": "probability of replacing a label by the null label in training (classifier-free guidance)"})
     text_dim: int = field(default=0, metadata={
         "help": "width of text embeddings (B, L, text_dim) for cross-attention in every block; 0 = none"})
     cube: Dims = field(default=(4, 4, 4), metadata={
@@ -81,7 +79,6 @@ class DiTConfig:
              f"so head_dim must be even and >= 6; change hidden or heads")
         need(self.mlp_ratio > 0 and self.mlp_hidden >= 1, f"mlp_ratio={self.mlp_ratio}: must be > 0")
         need(self.num_classes >= 0, f"num_classes={self.num_classes}: must be >= 0 (0 = unconditional)")
-        need(0.0 <= self.class_dropout < 1.0, f"class_dropout={self.class_dropout}: must be in [0, 1)")
         need(self.text_dim >= 0, f"text_dim={self.text_dim}: must be >= 0 (0 = no cross-attention)")
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta}: must be > 0")
         return self
@@ -143,19 +140,16 @@ class TimestepEmbedder(nn.Module):
 # --------------------------------------------------------------------------- label embedding
 
 class LabelEmbedder(nn.Module):
-    """Class label -> (B, D). Index num_classes is the null label; in training each label is
-    replaced by it with probability `dropout`, which trains the unconditional model that
-    classifier-free guidance needs. Sampling passes y = num_classes for the unconditional branch."""
+    """Class label -> (B, D). Index num_classes is the null label, which trains and samples the
+    unconditional branch of classifier-free guidance. Label dropout is the trainer's job (it draws
+    it for the global batch from its own generator, so every rank count sees the same labels)."""
 
-    def __init__(self, num_classes: int, hidden: int, dropout: float):
+    def __init__(self, num_classes: int, hidden: int):
         super().__init__()
-        self.num_classes, self.dropout = num_classes, dropout
+        self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, hidden)
 
     def forward(self, y: Tensor) -> Tensor:
-        if self.training and self.dropout > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.dropout
-            y = torch.where(drop, self.num_classes, y)
         return self.table(y)  # (B, D)
 
 
@@ -331,7 +325,7 @@ class VideoDiT(nn.Module):
         self._backend_ref: list = [DenseAttention()]
         self.patch_embed = PatchEmbed3D(cfg)
         self.t_embed = TimestepEmbedder(cfg.hidden)
-        self.y_embed = LabelEmbedder(cfg.num_classes, cfg.hidden, cfg.class_dropout) if cfg.num_classes else None
+        self.y_embed = LabelEmbedder(cfg.num_classes, cfg.hidden) if cfg.num_classes else None
         self.rope = Rotary3D(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(DiTBlock(cfg, i, self._backend_ref) for i in range(cfg.depth))
         self.final = FinalLayer(cfg)

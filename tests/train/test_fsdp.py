@@ -1,0 +1,46 @@
+"""A 2-process gloo FSDP2 run matches the 1-process run, loss by loss and parameter by parameter."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+MICRO = ["--model.in-channels", "1", "--model.patch", "1", "4", "4", "--model.hidden", "32", "--model.depth", "2",
+         "--model.heads", "2", "--model.cube", "2", "2", "2", "--data.frames", "4", "--data.height", "16",
+         "--data.width", "16", "--data.channels", "1", "--steps", "4", "--batch-size", "4", "--log-every", "1",
+         "--val-every", "2", "--ckpt-every", "4", "--num-samples", "2", "--sample-steps", "2", "--device", "cpu",
+         "--no-tensorboard", "--no-progress", "--optim.warmup-steps", "1", "--optim.lr", "1e-3", "--class-dropout", "0.5"]
+
+
+def _run(tmp_path, name, nproc):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "dsv.cli", "train", *MICRO,
+                                                          "--out-dir", str(tmp_path), "--run-name", name]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_matches_one_process(tmp_path):
+    single, sharded = _run(tmp_path, "single", 1), _run(tmp_path, "fsdp", 2)
+    assert [r["step"] for r in single] == [r["step"] for r in sharded] == [1, 2, 3, 4]
+    for a, b in zip(single, sharded):
+        # fp32; the only difference is the order of the gradient reduction (sum of 2 halves)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert sharded[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
+
+    full = tmp_path / "fsdp_full.pt"
+    dcp_to_torch_save(str(tmp_path / "fsdp/ckpt/step_000000004"), str(full))
+    got = torch.load(full, weights_only=True)["train"]
+    want = torch.load(tmp_path / "single/ckpt/step_000000004.pt", weights_only=True)["state"]
+    assert set(got["model"]) == set(want["model"])
+    for name, value in want["model"].items():
+        torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    for name, value in want["ema"].items():
+        torch.testing.assert_close(got["ema"][name], value, rtol=1e-4, atol=1e-6, msg=name)
