@@ -53,8 +53,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimiser and schedule"})
     run_name: str = field(default="dev", metadata={"help": "the run directory is <out-dir>/<run-name>"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
-    steps: int = field(default=300, metadata={"help": "optimiser steps to train for"})
-    batch_size: int = field(default=16, metadata={"help": "global batch (videos per step, all ranks together)"})
+    steps: int = field(default=200, metadata={"help": "optimiser steps to train for"})
+    batch_size: int = field(default=8, metadata={"help": "global batch (videos per step, all ranks together)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, noise and timesteps"})
     class_conditional: bool = field(default=True, metadata={
         "help": "condition on the dataset's class labels (sets model.num_classes from the dataset)"})
