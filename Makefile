@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements-ci.txt
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/dsv train --preset tiny --run-name demo
+	$(VENV)/bin/dsv train --preset tiny --run-name demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q
