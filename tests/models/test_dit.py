@@ -193,6 +193,25 @@ def test_rope_positions_matter():
     assert (out - out_flipped).abs().max() > 1e-3
 
 
+def test_rope_scores_depend_on_relative_3d_offset_only():
+    # q.k after 3D RoPE is a function of (t, h, w)_q - (t, h, w)_k alone, and every axis moves it.
+    from dsv.models.dit import Rotary3D
+    from dsv.ops.layout import cube_coordinates
+    grid, cube, hd = (4, 4, 4), (2, 2, 2), 16
+    n = prod(grid)
+    cos, sin = Rotary3D(hd, theta=100.0).cos_sin(grid, cube, torch.device("cpu"))
+    q, k = torch.randn(2, 1, 1, 1, hd, generator=torch.Generator().manual_seed(0)).expand(2, 1, 1, n, hd)
+    scores = (Rotary3D.rotate(q, cos, sin)[0, 0] @ Rotary3D.rotate(k, cos, sin)[0, 0].T).flatten()  # (N*N,)
+    pos = cube_coordinates(grid, cube)
+    offsets = [tuple(d) for d in (pos[:, None] - pos[None]).view(-1, 3).tolist()]
+    by_offset: dict[tuple, list[float]] = {}
+    for d, sc in zip(offsets, scores.tolist()):
+        by_offset.setdefault(d, []).append(sc)
+    assert max(max(v) - min(v) for v in by_offset.values()) < 1e-5  # fp32 rotation of O(1) vectors
+    for d in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        assert abs(by_offset[d][0] - by_offset[(0, 0, 0)][0]) > 1e-3, f"offset {d} does not move the score"
+
+
 # --------------------------------------------------------------------------- conditioning
 
 def test_text_padding_mask():
