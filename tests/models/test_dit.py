@@ -12,8 +12,7 @@ from dsv.models.dit import (DIT_PRESETS, DiTConfig, VideoDiT, matmul_params_per_
 
 
 def small(**kw) -> DiTConfig:
-    """2 blocks, hidden 32, 2 heads of 16 (RoPE split t/h/w = 8/4/4); no label dropout, so that
-    two forward passes are comparable."""
+    """2 blocks, hidden 32, 2 heads of 16 (RoPE split t/h/w = 8/4/4)."""
     base = dict(in_channels=3, patch=(1, 2, 2), hidden=32, depth=2, heads=2, cube=(2, 2, 2))
     return DiTConfig(**{**base, **kw})
 
