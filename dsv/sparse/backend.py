@@ -1,0 +1,248 @@
+"""DSVAttention: the attention backend that runs the DSV algorithm inside a VideoDiT.
+
+    backend = DSVAttention(cfg.sparse, cfg.model, device)
+    model.set_attention(backend)
+    loss.backward(); optimizer.step()
+    metrics = backend.step_end(step)          # after every optimizer step
+    meta["sparse"] = backend.state_dict()     # checkpoints
+
+Per layer and training step, in the first call (a second call in the same step is the
+activation-checkpoint recompute: it reuses the first call's decision and selection and trains
+nothing, so forward and recompute attend to the same blocks):
+  1. predictor: q~, k~ (B, H, S, r) from the detached attention input, fp32;
+  2. selection (stage 2, or a profiling step): per-head budgets -> BlockIndex;
+  3. training: loss on sampled query rows against the exact scores, a chunk of rows at a time,
+     backward right there (teacher scores are never kept); on profiling steps the same exact
+     rows feed the profiler and the mass recall of the selection;
+  4. attention: block-sparse where stage 2 and the dispatcher say so, else dense SDPA.
+Under no_grad (validation, sampling) nothing trains and nothing is cached. `step_end`
+all-reduces the predictors' gradients (and losses, profiles) over the data-parallel group,
+steps their AdamW, and applies the schedule.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsv.models.dit import DiTConfig
+from dsv.ops.block_index import BlockIndex
+from dsv.ops.block_select import select_blocks
+from dsv.ops.block_select.mass import num_blocks
+from dsv.ops.sparse_attention import sparse_attention_index
+from dsv.sparse.config import SparseConfig
+from dsv.sparse.dispatch import DispatchTable
+from dsv.sparse.predictor import LowRankPredictor, exact_scores, predictor_loss, sampled_rows
+from dsv.sparse.profiler import SparsityProfiler, profile_rows
+from dsv.sparse.schedule import TwoStageSchedule, kept_density
+from dsv.sparse.timing import PhaseTimer, mark_input, mark_output
+
+ROW_CHUNK_ELEMENTS = 1 << 24  # exact scores held at once while training (64 MB in fp32)
+
+
+def _identity(x):
+    return x
+
+
+def _to_cpu(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+class DSVAttention:
+    def __init__(self, cfg: SparseConfig, model_cfg: DiTConfig, device: torch.device, *, seed: int = 0,
+                 world_size: int = 1, group: dist.ProcessGroup | None = None):
+        self.cfg = cfg.validate()
+        self.layers, self.heads = model_cfg.depth, model_cfg.heads
+        self.world_size, self.group = world_size, group
+        with torch.random.fork_rng(devices=[]):  # the DiT's initialisation and RNG stream stay as without DSV
+            torch.manual_seed(seed)
+            predictors = [LowRankPredictor(model_cfg.hidden, self.heads, cfg.rank) for _ in range(self.layers)]
+        self.predictors = nn.ModuleList(predictors).to(device)
+        self.optimizer = torch.optim.AdamW(self.predictors.parameters(), lr=cfg.predictor_lr, weight_decay=0.0)
+        self.schedule = TwoStageSchedule(cfg)
+        self.profiler = SparsityProfiler(self.layers, self.heads, cfg.smoothing)
+        self.budgets = self.schedule.budgets(self.profiler.stats["block_fraction"])  # (L, H) kept densities
+        self.table = DispatchTable.load(cfg.dispatch_table) if cfg.dispatch == "table" else None
+        self.timer = PhaseTimer(device, enabled=cfg.timing)
+        self.step = 0  # optimizer steps taken
+        # -- per-step state, cleared by step_end
+        self._selection: dict[int, BlockIndex | None] = {}  # layer -> what its attention uses this step
+        self._losses: dict[int, Tensor] = {}  # layer -> (H,) predictor loss
+        self._profiles: dict[int, dict[str, Tensor]] = {}  # layer -> per-head sums of the profiler
+        self._density: dict[int, float] = {}  # layer -> computed fraction of tiles (1 = dense)
+
+    # ------------------------------------------------------------------ the backend call
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor) -> Tensor:
+        """q, k, v (B, H, S, D) in cube order; attn_input (B, S, hidden). Returns (B, H, S, D)."""
+        training = torch.is_grad_enabled()
+        if training and layer in self._selection:  # activation-checkpoint recompute
+            index = self._selection[layer]
+        else:
+            index = self._prepare(q, k, attn_input, layer, training)
+            if training:
+                self._selection[layer] = index
+        q = mark_input(q, self.timer, "attention")
+        with self.timer.phase("attention"):
+            out = F.scaled_dot_product_attention(q, k, v) if index is None else sparse_attention_index(q, k, v, index)
+        return mark_output(out, self.timer, "attention")
+
+    def layer_runs_sparse(self, layer: int, seq_len: int) -> bool:
+        """Stage 2 and the dispatcher finds sparse faster at this layer's density."""
+        if self.schedule.stage != 2:
+            return False
+        if self.table is None:
+            return True
+        density = kept_density(self.budgets[layer], num_blocks(seq_len, self.cfg.block_size))
+        return self.table.use_sparse(seq_len, density)
+
+    def _prepare(self, q: Tensor, k: Tensor, attn_input: Tensor, layer: int, training: bool) -> BlockIndex | None:
+        """Steps 1-3; returns the selection attention uses, None for dense."""
+        seq_len = q.shape[2]
+        sparse = self.layer_runs_sparse(layer, seq_len)
+        profile = training and self.schedule.profile_due(self.step)
+        if training:
+            n = num_blocks(seq_len, self.cfg.block_size)
+            self._density[layer] = kept_density(self.budgets[layer], n) if sparse else 1.0
+        if not (training or sparse):
+            return None
+        # Under activation checkpointing the block's forward packs saved tensors for recompute;
+        # the predictor's own graph is built and consumed right here, so it keeps its tensors.
+        own_graph = torch.autograd.graph.saved_tensors_hooks(_identity, _identity) if training else nullcontext()
+        with own_graph:
+            with self.timer.phase("predictor"):
+                q_lr, k_lr = self.predictors[layer](attn_input)  # each (B, H, S, r)
+            index = None
+            if sparse or profile:
+                with self.timer.phase("selection"):
+                    budget = self.budgets[layer].to(q.device)
+                    index = select_blocks(q_lr.detach(), k_lr.detach(), block_size=self.cfg.block_size,
+                                          budget=budget, mode="fast")
+            if training:
+                with self.timer.phase("predictor"):
+                    self._train_on_rows(layer, q, k, q_lr, k_lr, index if profile else None, profile)
+        return index if sparse else None
+
+    def _train_on_rows(self, layer: int, q: Tensor, k: Tensor, q_lr: Tensor, k_lr: Tensor,
+                       index: BlockIndex | None, profile: bool) -> None:
+        """Predictor loss (and profile) on sampled rows, a chunk of rows at a time; gradients
+        accumulate on the predictor's parameters."""
+        b, h, s, _ = q.shape
+        cfg = self.cfg
+        rows = sampled_rows(s, cfg.row_stride, cfg.max_rows, self.step, q.device)  # (M,)
+        q_rows_lr = q_lr[:, :, rows]  # (B, H, M, r)
+        # leaves: each chunk adds its gradient here, the projection's backward runs once at the end
+        q_leaf, k_leaf = q_rows_lr.detach().requires_grad_(), k_lr.detach().requires_grad_()
+        selected = index.to_dense() if index is not None else None  # (B, H, NQ, NKV) bool
+        loss = torch.zeros(h, device=q.device)
+        sums: dict[str, Tensor] = {}
+        chunk = max(1, ROW_CHUNK_ELEMENTS // (b * h * s))
+        with torch.autocast(q.device.type, enabled=False):
+            for start in range(0, rows.numel(), chunk):
+                part = rows[start:start + chunk]
+                exact = exact_scores(q[:, :, part], k)  # (B, H, c, S)
+                predicted = q_leaf[:, :, start:start + chunk] @ k_leaf.transpose(-1, -2) * cfg.rank**-0.5
+                chunk_loss = predictor_loss(predicted, exact, cosine_weight=cfg.cosine_weight,
+                                            magnitude_weight=cfg.magnitude_weight) * (part.numel() / rows.numel())
+                chunk_loss.mean().backward()
+                loss += chunk_loss.detach()
+                if profile:
+                    measured = profile_rows(torch.softmax(exact, -1), part, cfg.block_size, cfg.tau, selected)
+                    for name, value in measured.items():
+                        sums[name] = sums.get(name, 0) + value
+        torch.autograd.backward([q_rows_lr, k_lr], [q_leaf.grad, k_leaf.grad])
+        self._losses[layer] = loss
+        if profile:
+            self._profiles[layer] = {name: value / (b * rows.numel()) for name, value in sums.items()}
+
+    # ------------------------------------------------------------------ after each optimizer step
+
+    def step_end(self, step: int) -> dict[str, float | list]:
+        """Reduce and apply the predictors' gradients, update profiles, budgets and stage;
+        returns this step's metrics (keys "sparse/...")."""
+        trained = sorted(self._losses)
+        losses, profiles = self._reduce(trained)
+        metrics: dict[str, float | list] = {}
+        if trained:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            layer_loss = losses.mean(-1)  # (L,)
+            self.schedule.observe_loss(layer_loss.mean().item())
+            metrics["sparse/predictor_loss"] = layer_loss.mean().item()
+            metrics |= {f"sparse/predictor_loss/L{i}": layer_loss[n].item() for n, i in enumerate(trained)}
+        for layer, measured in profiles.items():
+            self.profiler.update(layer, measured)
+        if profiles:
+            self.budgets = self.schedule.budgets(self.profiler.stats["block_fraction"])
+        profiled = all(self.profiler.measured(layer) for layer in range(self.layers))
+        self.schedule.maybe_switch(step, profiled)
+        self.step = step
+        metrics |= self._summary()
+        self._selection.clear()
+        self._losses.clear()
+        self._profiles.clear()
+        self._density.clear()
+        return metrics
+
+    def _reduce(self, trained: list[int]) -> tuple[Tensor, dict[int, dict[str, Tensor]]]:
+        """Mean over the data-parallel group of the predictors' gradients, the per-layer losses
+        and the profiles, in one all-reduce. Returns losses (len(trained), H) and profiles on CPU."""
+        if not trained:
+            return torch.zeros(0, self.heads), {}
+        params = list(self.predictors.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        profiled = sorted(self._profiles)
+        fields = sorted(self._profiles[profiled[0]]) if profiled else []
+        parts = [g.flatten() for g in grads] + [self._losses[i] for i in trained]
+        parts += [self._profiles[i][name] for i in profiled for name in fields]
+        flat = torch.cat(parts)
+        if self.world_size > 1:
+            dist.all_reduce(flat, group=self.group)
+            flat /= self.world_size
+            offset = 0
+            for p, g in zip(params, grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+                offset += g.numel()
+        tail = flat[sum(g.numel() for g in grads):].cpu().view(-1, self.heads)  # (rows, H)
+        losses = tail[:len(trained)]
+        measured = tail[len(trained):].view(len(profiled), max(len(fields), 1), self.heads)
+        profiles = {layer: dict(zip(fields, measured[n])) for n, layer in enumerate(profiled)}
+        return losses, profiles
+
+    def _summary(self) -> dict[str, float | list]:
+        """Stage, per-layer density and recall, profiled sparsity per head, phase times."""
+        stats = self.profiler.stats
+        out: dict[str, float | list] = {"sparse/stage": float(self.schedule.stage)}
+        if self._density:
+            out["sparse/density"] = sum(self._density.values()) / len(self._density)
+            out |= {f"sparse/density/L{i}": d for i, d in sorted(self._density.items())}
+        if not stats["block_fraction"].isnan().all():
+            recall = stats["recall"].mean(-1)  # (L,)
+            out["sparse/recall"] = recall.nanmean().item()
+            out |= {f"sparse/recall/L{i}": r for i, r in enumerate(recall.tolist())}
+            out["sparse/budget"] = self.budgets.mean().item()
+            out["sparse/key_sparsity_per_head"] = (1 - stats["key_fraction"]).tolist()  # (L, H), for the report
+            out["sparse/block_sparsity_per_head"] = (1 - stats["block_fraction"]).tolist()
+        out |= {f"sparse/time_{name}_ms": ms for name, ms in self.timer.collect().items()}
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything the algorithm needs to continue exactly (CPU tensors; goes into checkpoint meta)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: _to_cpu(s) for i, s in optimizer["state"].items()}
+        return {"step": self.step, "predictors": _to_cpu(self.predictors.state_dict()), "optimizer": optimizer,
+                "schedule": self.schedule.state_dict(), "profiler": self.profiler.state_dict(),
+                "budgets": self.budgets.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.predictors.load_state_dict(state["predictors"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.profiler.load_state_dict(state["profiler"])
+        self.budgets = state["budgets"].clone()

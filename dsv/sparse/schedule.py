@@ -1,0 +1,63 @@
+"""The two-stage schedule, the profiling cadence and the per-head budgets.
+
+Stage 1 (dense): attention is dense, the predictors learn, the profiler measures.
+Stage 2 (sparse): from the first step after the predictor loss (EMA over steps, mean over
+layers) falls below `loss_threshold` once stage 1 has lasted `min_dense_steps` and every
+layer was profiled, or at `max_dense_steps` whatever the loss. There is no way back.
+Budget of a head = clamp(budget_margin x its smoothed block fraction, min_density, max_density).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from dsv.sparse.config import SparseConfig
+
+LOSS_SMOOTHING = 0.1  # EMA of the per-step predictor loss: the sampled rows make it noisy
+
+
+class TwoStageSchedule:
+    def __init__(self, cfg: SparseConfig):
+        self.cfg = cfg
+        self.stage = 1
+        self.switch_step: int | None = None
+        self.loss_ema = float("nan")
+
+    def profile_due(self, step: int) -> bool:
+        """Profile on the step after `step` optimizer steps: often early, rarely late."""
+        every = self.cfg.profile_every if step < self.cfg.profile_until else self.cfg.profile_every_late
+        return step % every == 0
+
+    def observe_loss(self, mean_loss: float) -> None:
+        old = self.loss_ema
+        self.loss_ema = mean_loss if math.isnan(old) else LOSS_SMOOTHING * mean_loss + (1 - LOSS_SMOOTHING) * old
+
+    def maybe_switch(self, step: int, profiled: bool) -> bool:
+        """After `step` optimizer steps: enter stage 2 if the rules say so; True on the switch."""
+        if self.stage == 2:
+            return False
+        learned = self.loss_ema < self.cfg.loss_threshold and step >= self.cfg.min_dense_steps and profiled
+        if learned or step >= self.cfg.max_dense_steps:
+            self.stage, self.switch_step = 2, step
+            return True
+        return False
+
+    def budgets(self, block_fraction: Tensor) -> Tensor:
+        """(L, H) smoothed block fractions (NaN = not profiled) -> (L, H) kept-block densities."""
+        wanted = (self.cfg.budget_margin * block_fraction).nan_to_num(nan=self.cfg.max_density)
+        return wanted.clamp(self.cfg.min_density, self.cfg.max_density)
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "switch_step": self.switch_step, "loss_ema": self.loss_ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage, self.switch_step, self.loss_ema = state["stage"], state["switch_step"], state["loss_ema"]
+
+
+def kept_density(budget: Tensor, num_blocks: int) -> float:
+    """Fraction of tiles the selection computes for per-head budgets (H,): counts are
+    ceil(budget * NKV) clamped to [1, NKV] for every query block, as in `select_from_mass`."""
+    counts = torch.ceil(budget * num_blocks).clamp(1, num_blocks)
+    return counts.mean().item() / num_blocks

@@ -1,0 +1,60 @@
+"""The predictor learns a planted low-rank attention pattern; its loss is zero only for the
+exact softmax; its training stays out of the DiT's graph."""
+import torch
+
+from dsv.sparse.backend import DSVAttention
+from dsv.sparse.predictor import predictor_loss, sampled_rows
+from tests.sparse.helpers import micro_model_config, planted_qk, sparse_config
+
+
+def test_loss_is_zero_for_a_shifted_copy_and_positive_otherwise():
+    exact = torch.randn(2, 3, 5, 40)
+    zero = predictor_loss(exact + 7.0, exact, cosine_weight=0.95, magnitude_weight=0.05)  # softmax ignores shifts
+    torch.testing.assert_close(zero, torch.zeros(3), atol=1e-5, rtol=0)
+    hotter = predictor_loss(2.0 * exact, exact, cosine_weight=0.95, magnitude_weight=0.05)
+    torch.testing.assert_close(hotter, torch.full((3,), 0.05 * torch.log(torch.tensor(2.0)).item() ** 2))
+    assert (predictor_loss(torch.randn(2, 3, 5, 40), exact, cosine_weight=0.95, magnitude_weight=0.05) > 0.5).all()
+
+
+def test_sampled_rows_rotate_and_cover_every_row():
+    seen = torch.cat([sampled_rows(100, 8, 512, step, torch.device("cpu")) for step in range(8)])
+    assert torch.equal(seen.sort().values, torch.arange(100))
+    assert sampled_rows(4096, 8, 64, 3, torch.device("cpu")).numel() == 64  # max_rows grows the stride
+
+
+def test_predictor_learns_a_planted_low_rank_pattern():
+    torch.manual_seed(0)
+    model_cfg = micro_model_config(hidden=32, heads=2, depth=1)
+    cfg = sparse_config(rank=4, predictor_lr=1e-2, row_stride=8, loss_threshold=0.05, max_dense_steps=10_000,
+                        min_dense_steps=10_000)
+    backend = DSVAttention(cfg, model_cfg, torch.device("cpu"))
+    first = None
+    for step in range(1, 301):
+        x = torch.randn(2, 128, 32)
+        q, k = planted_qk(x, heads=2, head_dim=16, rank=4, scale=4.0, seed=1)
+        backend(q, k, k, layer=0, attn_input=x)
+        loss = backend.step_end(step)["sparse/predictor_loss"]
+        first = first or loss
+    assert first > 0.5
+    assert loss < 0.02 and backend.schedule.loss_ema < cfg.loss_threshold
+
+
+def test_predictor_training_leaves_the_dit_gradients_unchanged():
+    from dsv.models.attention import DenseAttention
+    from dsv.models.dit import VideoDiT
+
+    model_cfg = micro_model_config()
+    x, t = torch.randn(2, 1, 4, 16, 16), torch.rand(2)
+    grads = []
+    for backend in (DenseAttention(), DSVAttention(sparse_config(max_dense_steps=100), model_cfg, torch.device("cpu"))):
+        torch.manual_seed(0)
+        model = VideoDiT(model_cfg)
+        for p in model.parameters():  # adaLN-Zero would gate attention off: every weight random instead
+            torch.nn.init.normal_(p, std=0.2)
+        model.set_attention(backend)
+        model(x, t).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert grads[0]["blocks.0.attn.qkv.weight"].abs().min() > 0
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
