@@ -1,7 +1,10 @@
-"""`dsv` command line: train, sample.
+"""`dsv` command line: train, sample, report, bench.
 
     dsv train --preset tiny --run-name demo        # see `dsv train --help` for every option
+    dsv train --preset tiny --sparse dsv           # DSV sparse attention (--sparse.* options)
     dsv sample --ckpt runs/demo/ckpt/step_000000300.pt
+    dsv report runs/demo [runs/dense-baseline]     # DSV sparsity heatmaps, density, loss curves
+    dsv bench dispatch --out table.json            # the dispatcher's dense/sparse table, on the GPU
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def train_main(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny", choices=list(DIT_PRESETS))
     known, _ = pre.parse_known_args(argv)
+    argv = ["--sparse.mode" if arg == "--sparse" else arg for arg in argv]  # `--sparse dsv` = `--sparse.mode dsv`
     cfg = config_from_args(TrainConfig, _train_parser(known.preset).parse_args(argv))
     result = train(cfg)
     if result:
@@ -73,7 +77,22 @@ def sample_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "sample": sample_main}
+def report_main(argv: list[str]) -> int:
+    from dsv.report import main
+
+    return main(argv)
+
+
+def bench_main(argv: list[str]) -> int:
+    if not argv or argv[0] != "dispatch":
+        print("usage: dsv bench dispatch --out TABLE.json [options]", file=sys.stderr)
+        return 2
+    from dsv.sparse.dispatch_bench import main
+
+    return main(argv[1:])
+
+
+COMMANDS = {"train": train_main, "sample": sample_main, "report": report_main, "bench": bench_main}
 
 
 def main(argv: list[str] | None = None) -> int:

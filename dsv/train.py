@@ -30,6 +30,7 @@ from dsv.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, train_flops
 from dsv.parallel.parallelize import parallelize
 from dsv.parallel.runtime import Runtime, all_reduce_mean, barrier, init_runtime, shutdown
 from dsv.sample import write_samples
+from dsv.sparse import DSVAttention, SparseConfig
 from dsv.train_state import TrainState
 
 
@@ -51,6 +52,8 @@ class TrainConfig:
     model: DiTConfig = field(default_factory=DIT_PRESETS["tiny"], metadata={"help": "model shape"})
     data: DataConfig = field(default_factory=lambda: DataConfig(channels=3), metadata={"help": "training videos"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimiser and schedule"})
+    sparse: SparseConfig = field(default_factory=SparseConfig, metadata={
+        "help": "DSV sparse attention (--sparse dsv) or the dense baseline (--sparse none)"})
     run_name: str = field(default="dev", metadata={"help": "the run directory is <out-dir>/<run-name>"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     steps: int = field(default=200, metadata={"help": "optimiser steps to train for"})
@@ -129,6 +132,12 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         model = VideoDiT(cfg.model).to(self.device)
+        # -- DSV: predictors, profiler and schedule live in the attention backend, outside the model
+        self.sparse: DSVAttention | None = None
+        if cfg.sparse.mode == "dsv":
+            self.sparse = DSVAttention(cfg.sparse, cfg.model, self.device, seed=cfg.seed,
+                                       world_size=runtime.world_size)
+            model.set_attention(self.sparse)
         self.model = parallelize(model, runtime, activation_checkpointing=cfg.activation_checkpointing,
                                  compile=cfg.compile, param_dtype=self.autocast_dtype)
         o = cfg.optim
@@ -151,7 +160,8 @@ class Trainer:
     def meta(self) -> dict[str, Any]:
         return {"step": self.step, "config": config_to_dict(self.cfg), "scheduler": self.scheduler.state_dict(),
                 "data": self.stream.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "sparse": self.sparse.state_dict() if self.sparse else None}
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir / "ckpt", self.step, self.state, self.meta(), self.runtime,
@@ -173,6 +183,10 @@ class Trainer:
         self.stream.load_state_dict(meta["data"])
         self.generator.set_state(meta["generator"])
         torch.set_rng_state(meta["torch_rng"])
+        if self.sparse:
+            if not meta.get("sparse"):
+                raise CheckpointError(f"{path} holds no DSV state: resume it with --sparse none")
+            self.sparse.load_state_dict(meta["sparse"])
 
     # ------------------------------------------------------------------ one step
 
@@ -215,7 +229,10 @@ class Trainer:
         self.scheduler.step()
         self.state.update_ema(self.cfg.optim.ema_decay)
         self.step += 1
-        return {"loss": global_loss, "lr": lr, "grad_norm": grad_norm.item()}
+        record = {"loss": global_loss, "lr": lr, "grad_norm": grad_norm.item()}
+        if self.sparse:
+            record |= self.sparse.step_end(self.step)
+        return record
 
     @torch.no_grad()
     def validation_loss(self) -> float:

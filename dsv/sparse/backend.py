@@ -40,7 +40,7 @@ from dsv.sparse.profiler import SparsityProfiler, profile_rows
 from dsv.sparse.schedule import TwoStageSchedule, kept_density
 from dsv.sparse.timing import PhaseTimer, mark_input, mark_output
 
-ROW_CHUNK_ELEMENTS = 1 << 24  # exact scores held at once while training (64 MB in fp32)
+ROW_CHUNK_ELEMENTS = 1 << 26  # exact scores held at once while training (256 MB in fp32)
 
 
 def _identity(x):

@@ -20,7 +20,7 @@ class SparseConfig:
     predictor_lr: float = field(default=1e-3, metadata={"help": "learning rate of the predictors' own AdamW"})
     row_stride: int = field(default=64, metadata={
         "help": "train and profile on every row_stride-th query row (offset rotates with the step)"})
-    max_rows: int = field(default=512, metadata={
+    max_rows: int = field(default=256, metadata={
         "help": "at most this many sampled rows per layer and step (the stride grows at long sequences)"})
     cosine_weight: float = field(default=0.95, metadata={
         "help": "weight of (1 - cosine) between centred predicted and exact score rows"})
