@@ -64,7 +64,9 @@ _cached = lru_cache(maxsize=64)(_build)
 def _permutations(grid: Dims, cube: Dims, device) -> tuple[Tensor, Tensor]:
     grid, cube = _check(grid, cube)
     device = torch.device("cpu") if device is None else torch.device(device)
-    if torch.compiler.is_compiling():  # under torch.compile: build inside the graph, no Python cache
+    # Under torch.compile build inside the graph; under a fake-tensor mode (tracing, e.g. echosim)
+    # the result is fake and must never enter the cache that real calls read.
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
         return _build(grid, cube, device)
     return _cached(grid, cube, device)
 

@@ -81,3 +81,14 @@ def test_cuda_matches_cpu():
     y = to_cube_order(x.cuda(), grid, cube)
     assert y.device.type == "cuda" and torch.equal(y.cpu(), to_cube_order(x, grid, cube))
     assert torch.equal(from_cube_order(y, grid, cube).cpu(), x)
+
+
+def test_fake_mode_never_poisons_the_cache():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    grid, cube = (2, 6, 4), (1, 3, 2)
+    with FakeTensorMode():
+        assert isinstance(cube_permutation(grid, cube), FakeTensor)
+    perm = cube_permutation(grid, cube)
+    assert not isinstance(perm, FakeTensor)
+    assert torch.equal(perm.sort().values, torch.arange(48))
