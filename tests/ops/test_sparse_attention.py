@@ -66,8 +66,8 @@ def test_triton_low_precision_matches_fp64(case):
 
 def test_triton_fp32_matches_fp64():
     problem = _problem(1, 1, 2, 144, 64, 64, 0.6, torch.float32)
-    # fp32 in the interpreter is exact fp32 (tf32 on a GPU: looser)
-    atol = 2e-3 if DEVICE == "cuda" else 1e-5
+    # fp32 in the interpreter is exact fp32; on a GPU the dots run in tf32 (10-bit mantissa)
+    atol = 2e-2 if DEVICE == "cuda" else 1e-5
     _check_against_fp64(*problem, backend="triton", atol=atol)
 
 

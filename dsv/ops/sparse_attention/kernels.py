@@ -62,9 +62,9 @@ def _prune(tile: str):
 
 
 # (sub-tile, num_warps, num_stages): a small set, to keep compile time in check
-FWD_OPTIONS = [(128, 8, 3), (64, 4, 3), (128, 8, 2), (64, 8, 3)]
-DKDV_OPTIONS = [(64, 8, 2), (32, 4, 3), (64, 8, 3), (32, 8, 2)]
-DQ_OPTIONS = [(64, 8, 2), (32, 4, 3), (64, 8, 3), (32, 8, 2)]
+FWD_OPTIONS = [(128, 8, 3), (64, 8, 3), (128, 8, 2), (64, 4, 3)]
+DKDV_OPTIONS = [(64, 8, 2), (32, 8, 2), (64, 8, 3), (32, 8, 3), (32, 4, 3)]
+DQ_OPTIONS = [(64, 8, 3), (64, 8, 2), (32, 8, 3), (32, 4, 3)]
 TUNING_KEY = ["HEAD_DIM_P", "BLOCK", "EVEN_S"]
 
 
