@@ -1,13 +1,7 @@
 """Block-sparse attention: Triton kernels (under the CPU interpreter here, bf16 on the GPU),
 the gather reference and the FlexAttention backend against float64 dense references."""
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before dsv's kernels import triton
-
 import pytest
+import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 from dsv.ops.block_index import BlockIndex, random_block_index
