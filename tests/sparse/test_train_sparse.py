@@ -43,3 +43,13 @@ def test_metrics_name_stage_loss_density_recall_and_phase_times(tmp_path):
         assert last[key] >= 0, key
     assert last["sparse/stage"] == 2
     assert torch.tensor(last["sparse/block_sparsity_per_head"]).shape == (2, 2)  # (layers, heads)
+
+
+def test_report_draws_heatmap_density_and_loss_curves(tmp_path):
+    from dsv.cli import main
+
+    train(micro_config(tmp_path, run_name="dense", steps=2))
+    train(micro_config(tmp_path, run_name="dsv", steps=3, sparse=sparse_config()))
+    assert main(["report", str(tmp_path / "dsv"), "--baseline", str(tmp_path / "dense")]) == 0
+    for name in ("sparsity_heatmap.png", "density.png", "loss_vs_dense.png"):
+        assert (tmp_path / "dsv" / name).stat().st_size > 5000, name
