@@ -44,8 +44,8 @@ class KVExchange:
 def check_sequence_fits(seq_len: int, ranks: int, block_size: int | None = None) -> None:
     """ValueError unless S splits into `ranks` equal shards (of whole blocks, when sparse)."""
     if seq_len % ranks:
-        raise ValueError(f"sequence of {seq_len} tokens does not split evenly over {ranks} sequence-parallel ranks; "
-                         f"choose a rank count that divides {seq_len} or change the video size")
+        raise ValueError(f"sequence of {seq_len} tokens does not split into {ranks} equal shards; use a rank count "
+                         f"that divides {seq_len}, or change the video size")
     if block_size and (seq_len // ranks) % block_size:
         raise ValueError(f"sequence shard of {seq_len // ranks} tokens ({seq_len} / {ranks} ranks) is not a multiple "
                          f"of the attention block ({block_size}); use fewer sequence-parallel ranks or a longer video")

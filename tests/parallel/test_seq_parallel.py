@@ -72,7 +72,7 @@ def test_sparse_exchange_moves_only_selected_blocks_and_matches_one_process():
 
 
 def test_shards_that_do_not_fit_give_clear_errors():
-    with pytest.raises(ValueError, match="does not split evenly over 4"):
+    with pytest.raises(ValueError, match="does not split into 4 equal shards"):
         check_sequence_fits(30, 4)
     with pytest.raises(ValueError, match="not a multiple of the attention block"):
         check_sequence_fits(48, 4, block_size=8)
