@@ -188,7 +188,7 @@ def summarize(path: str) -> str:
     lines = ["| GPUs | profile | scheme | S | attention layer ms | step ms | kv MB/layer | TFLOP/s/GPU |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['gpus']} | {r['profile']} | {r['scheme']} | {r['seq_len']} | {r['layer_ms']:.2f} | "
-              f"{r['step_ms']:.2f} | {r['kv_mb']:.1f} | {r["tflops_per_gpu"]:.2f} |" for r in rows]
+              f"{r['step_ms']:.2f} | {r['kv_mb']:.1f} | {r['tflops_per_gpu']:.2f} |" for r in rows]
     lines.append("")
     for (gpus, profile) in sorted({(r["gpus"], r["profile"]) for r in rows if r["gpus"] > 1}):
         group = [r for r in rows if (r["gpus"], r["profile"]) == (gpus, profile)]
