@@ -127,3 +127,8 @@ def test_hybrid_and_data_parallel_on_four_ranks():
         (1, 2, True, True, True),  # sparse sequence-parallel x 2-way FSDP data parallel
         (1, 4, True, True, False),  # 4-way sparse sequence-parallel
     ])
+
+
+@pytest.mark.slow
+def test_hybrid_under_data_parallel_on_eight_ranks():
+    assert run_distributed(_context_parallel, 8, [(2, 2, True, True, True)])  # hybrid 2x2 x 2-way FSDP
