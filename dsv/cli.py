@@ -1,10 +1,12 @@
-"""`dsv` command line: train, sample, report, bench.
+"""`dsv` command line: train, sample, report, bench, plan.
 
     dsv train --preset tiny --run-name demo        # see `dsv train --help` for every option
     dsv train --preset tiny --sparse dsv           # DSV sparse attention (--sparse.* options)
     dsv sample --ckpt runs/demo/ckpt/step_000000300.pt
     dsv report runs/demo [runs/dense-baseline]     # DSV sparsity heatmaps, density, loss curves
     dsv bench dispatch --out table.json            # the dispatcher's dense/sparse table, on the GPU
+    dsv plan --heads 16 --seq-len 131072 --gpus 16 # choose the context-parallel grid
+    torchrun --nproc-per-node 4 -m dsv.cli train --cp-heads 2 --cp-seq 2 ...   # context parallel
 """
 from __future__ import annotations
 
@@ -92,7 +94,14 @@ def bench_main(argv: list[str]) -> int:
     return main(argv[1:])
 
 
-COMMANDS = {"train": train_main, "sample": sample_main, "report": report_main, "bench": bench_main}
+def plan_main(argv: list[str]) -> int:
+    from dsv.parallel.plan_cli import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": train_main, "sample": sample_main, "report": report_main, "bench": bench_main,
+            "plan": plan_main}
 
 
 def main(argv: list[str] | None = None) -> int:

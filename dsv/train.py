@@ -27,7 +27,10 @@ from dsv.data import BatchStream, DataConfig, build_dataset, validation_batches
 from dsv.flow import flow_matching_loss, logit_normal_timesteps
 from dsv.metrics import MetricsLogger, peak_flops, plot_loss_curve
 from dsv.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, train_flops
+from dsv.parallel.hybrid import ContextParallelAttention
+from dsv.parallel.mesh import build_parallel_mesh
 from dsv.parallel.parallelize import parallelize
+from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
 from dsv.parallel.runtime import Runtime, all_reduce_mean, barrier, init_runtime, shutdown
 from dsv.sample import write_samples
 from dsv.sparse import DSVAttention, SparseConfig
@@ -63,6 +66,15 @@ class TrainConfig:
         "help": "condition on the dataset's class labels (sets model.num_classes from the dataset)"})
     class_dropout: float = field(default=0.1, metadata={
         "help": "probability of training a sample with the null label (classifier-free guidance)"})
+    cp_heads: int = field(default=1, metadata={
+        "help": "context-parallel ranks that split the heads (all-to-all; heads assigned by cost)"})
+    cp_seq: int = field(default=1, metadata={
+        "help": "context-parallel ranks that split the sequence (KV exchange); data parallel = world / (cp_heads*cp_seq)"})
+    cp: Literal["manual", "auto"] = field(default="manual", metadata={
+        "help": "auto: the planner chooses cp_heads x cp_seq over all ranks from the cluster's costs"})
+    cp_heads_inner: bool = field(default=True, metadata={
+        "help": "keep the head group on consecutive ranks (one node); --no-cp-heads-inner keeps the sequence group there"})
+    cluster: str = field(default="dgx_h200", metadata={"help": "echosim cluster (name or JSON) the cp planner costs"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "where to train"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "auto = bf16 autocast on CUDA, fp32 on CPU"})
@@ -89,9 +101,15 @@ class NonFiniteLossError(RuntimeError):
 
 def _validate(cfg: TrainConfig, runtime: Runtime) -> None:
     """Stop before any work, naming the field and the fix."""
-    if cfg.batch_size % runtime.world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the world size {runtime.world_size}: "
-                         f"use a multiple of {runtime.world_size}")
+    cp = cfg.cp_heads * cfg.cp_seq
+    if runtime.world_size % cp:
+        raise ValueError(f"world size {runtime.world_size} is not a multiple of cp_heads x cp_seq = {cp}: "
+                         "change --cp-heads/--cp-seq or the number of processes")
+    dp = runtime.world_size // cp
+    if cfg.batch_size % dp:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the world size {runtime.world_size}"
+                         + (f" / context-parallel {cp} = {dp} data-parallel ranks" if cp > 1 else "")
+                         + f": use a multiple of {dp}")
     if cfg.steps < 1:
         raise ValueError(f"steps={cfg.steps}: must be >= 1")
     if cfg.data.channels != cfg.model.in_channels:
@@ -101,6 +119,21 @@ def _validate(cfg: TrainConfig, runtime: Runtime) -> None:
         raise ValueError(f"class_dropout={cfg.class_dropout}: must be in [0, 1)")
     cfg.model.validate()
     cfg.model.check_input(cfg.data.frames, cfg.data.height, cfg.data.width)
+
+
+def _plan_context_parallel(cfg: TrainConfig, runtime: Runtime) -> TrainConfig:
+    """--cp auto: every rank joins one context-parallel group; the planner picks its grid for dense
+    attention (stage 1 of DSV is dense; head costs are re-balanced later, the grid is not)."""
+    m = cfg.model
+    tokens = prod(m.check_input(cfg.data.frames, cfg.data.height, cfg.data.width))
+    work = Workload(heads=m.heads, head_dim=m.head_dim, seq_len=tokens, density=[[1.0] * m.heads] * m.depth,
+                    batch=cfg.batch_size)
+    report = choose_plan(work, CostModel.from_cluster(cfg.cluster), runtime.world_size)
+    if runtime.is_main:
+        print(format_table(report), flush=True)
+    plan = report.best.plan
+    return dataclasses.replace(cfg, cp="manual", cp_heads=plan.cp_heads, cp_seq=plan.cp_seq,
+                               cp_heads_inner=plan.heads_inner)
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -123,6 +156,8 @@ class Trainer:
         if cfg.model.num_classes not in (0, classes):
             raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {classes} classes")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=classes))
+        if cfg.cp == "auto":
+            cfg = _plan_context_parallel(cfg, runtime)
         _validate(cfg, runtime)
         self.cfg, self.dataset = cfg, dataset
         self.run_dir = Path(cfg.out_dir) / cfg.run_name
@@ -138,15 +173,25 @@ class Trainer:
             self.sparse = DSVAttention(cfg.sparse, cfg.model, self.device, seed=cfg.seed,
                                        world_size=runtime.world_size)
             model.set_attention(self.sparse)
+        # -- context parallelism: a (dp, heads, seq) mesh; the cp ranks of a group share samples and noise
+        self.mesh = build_parallel_mesh(self.device.type, runtime.world_size, cp_heads=cfg.cp_heads,
+                                        cp_seq=cfg.cp_seq, heads_inner=cfg.cp_heads_inner)
+        cp_attention = None
+        if self.mesh.cp > 1:
+            if self.sparse:
+                raise ValueError("--sparse dsv with context parallelism (--cp-heads/--cp-seq > 1) is not wired into "
+                                 "the trainer yet: use --sparse none with context parallelism, or cp 1 with DSV")
+            cp_attention = ContextParallelAttention(self.mesh, heads=cfg.model.heads)
         self.model = parallelize(model, runtime, activation_checkpointing=cfg.activation_checkpointing,
-                                 compile=cfg.compile, param_dtype=self.autocast_dtype)
+                                 compile=cfg.compile, param_dtype=self.autocast_dtype, mesh=self.mesh,
+                                 cp_attention=cp_attention)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas,
                                            weight_decay=o.weight_decay, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         self.state = TrainState(self.model, self.optimizer)
-        self.local_batch = cfg.batch_size // runtime.world_size
-        self.stream = BatchStream(dataset, self.local_batch, rank=runtime.rank, world_size=runtime.world_size,
+        self.local_batch = cfg.batch_size // self.mesh.dp
+        self.stream = BatchStream(dataset, self.local_batch, rank=self.mesh.dp_rank, world_size=self.mesh.dp,
                                   seed=cfg.data.seed, num_workers=cfg.data.num_workers)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.step = 0
@@ -193,7 +238,7 @@ class Trainer:
     def _noise_and_times(self, shape: tuple[int, ...], labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Drawn for the *global* batch and sliced to this rank, so N ranks see exactly the
         noise, timesteps and label dropout that one process would."""
-        world_b, r, b = self.cfg.batch_size, self.runtime.rank, self.local_batch
+        world_b, r, b = self.cfg.batch_size, self.mesh.dp_rank, self.local_batch
         noise = torch.randn((world_b, *shape), generator=self.generator, device=self.device)
         t = logit_normal_timesteps(world_b, generator=self.generator, device=self.device)
         drop = torch.rand(world_b, generator=self.generator, device=self.device) < self.cfg.class_dropout
@@ -240,7 +285,7 @@ class Trainer:
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 7919)
         losses = []
         for videos, labels in validation_batches(self.cfg.data, self.cfg.batch_size, self.cfg.val_batches):
-            r, b = self.runtime.rank, self.local_batch
+            r, b = self.mesh.dp_rank, self.local_batch
             noise = torch.randn(videos.shape, generator=gen, device=self.device)[r * b:(r + 1) * b]
             t = logit_normal_timesteps(videos.shape[0], generator=gen, device=self.device)[r * b:(r + 1) * b]
             videos, labels = videos[r * b:(r + 1) * b].to(self.device), labels[r * b:(r + 1) * b].to(self.device)

@@ -1,4 +1,5 @@
-"""A 2-process gloo FSDP2 run matches the 1-process run, loss by loss and parameter by parameter."""
+"""2-process gloo runs (FSDP2 data parallel; context parallel over heads or over the sequence)
+match the 1-process run, loss by loss (and, for FSDP, parameter by parameter)."""
 import json
 import os
 import subprocess
@@ -15,10 +16,10 @@ MICRO = ["--model.in-channels", "1", "--model.patch", "1", "4", "4", "--model.hi
          "--no-tensorboard", "--no-progress", "--optim.warmup-steps", "1", "--optim.lr", "1e-3", "--class-dropout", "0.5"]
 
 
-def _run(tmp_path, name, nproc):
+def _run(tmp_path, name, nproc, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "dsv.cli", "train", *MICRO,
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "dsv.cli", "train", *MICRO, *extra,
                                                           "--out-dir", str(tmp_path), "--run-name", name]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -44,3 +45,14 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
         torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     for name, value in want["ema"].items():
         torch.testing.assert_close(got["ema"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--cp-heads", "2"), ("--cp-seq", "2", "--data.height", "32")])
+def test_two_process_context_parallel_matches_one_process(tmp_path, flags):
+    """Both ranks of the cp group train the same 4 videos; the loss must equal one process's."""
+    extra = flags[2:]
+    single, cp = _run(tmp_path, "single", 1, *extra), _run(tmp_path, "cp", 2, *flags)
+    for a, b in zip(single, cp, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
