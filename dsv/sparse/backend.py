@@ -11,9 +11,10 @@ activation-checkpoint recompute: it reuses the first call's decision and selecti
 nothing, so forward and recompute attend to the same blocks):
   1. predictor: q~, k~ (B, H, S, r) from the detached attention input, fp32;
   2. selection (stage 2, or a profiling step): per-head budgets -> BlockIndex;
-  3. training: loss on sampled query rows against the exact scores, a chunk of rows at a time,
-     backward right there (teacher scores are never kept); on profiling steps the same exact
-     rows feed the profiler and the mass recall of the selection;
+  3. training: loss on sampled query rows against the exact scores (in closed form: neither
+     score rows nor teacher scores are formed, see predictor.py), backward right there; on
+     profiling steps the exact scores of the same rows, a chunk at a time, feed the profiler
+     and the mass recall of the selection;
   4. attention: block-sparse where stage 2 and the dispatcher say so, else dense SDPA.
 Under no_grad (validation, sampling) nothing trains and nothing is cached. `step_end`
 all-reduces the predictors' gradients (and losses, profiles) over the data-parallel group,
@@ -40,7 +41,7 @@ from dsv.sparse.profiler import SparsityProfiler, profile_rows
 from dsv.sparse.schedule import TwoStageSchedule, kept_density
 from dsv.sparse.timing import PhaseTimer, mark_input, mark_output
 
-ROW_CHUNK_ELEMENTS = 1 << 26  # exact scores held at once while training (256 MB in fp32)
+ROW_CHUNK_ELEMENTS = 1 << 26  # exact scores held at once while profiling (256 MB in fp32)
 
 
 def _identity(x):
@@ -128,35 +129,31 @@ class DSVAttention:
 
     def _train_on_rows(self, layer: int, q: Tensor, k: Tensor, q_lr: Tensor, k_lr: Tensor,
                        index: BlockIndex | None, profile: bool) -> None:
-        """Predictor loss (and profile) on sampled rows, a chunk of rows at a time; gradients
-        accumulate on the predictor's parameters."""
-        b, h, s, _ = q.shape
+        """Predictor loss on sampled rows (closed form, no score rows) and its backward into the
+        predictor's parameters; on profiling steps, the profile of the same rows."""
         cfg = self.cfg
-        rows = sampled_rows(s, cfg.row_stride, cfg.max_rows, self.step, q.device)  # (M,)
-        q_rows_lr = q_lr[:, :, rows]  # (B, H, M, r)
-        # leaves: each chunk adds its gradient here, the projection's backward runs once at the end
-        q_leaf, k_leaf = q_rows_lr.detach().requires_grad_(), k_lr.detach().requires_grad_()
+        rows = sampled_rows(q.shape[2], cfg.row_stride, cfg.max_rows, self.step, q.device)  # (M,)
+        with torch.autocast(q.device.type, enabled=False):
+            loss = predictor_loss(q_lr[:, :, rows], k_lr, q[:, :, rows], k, cosine_weight=cfg.cosine_weight,
+                                  magnitude_weight=cfg.magnitude_weight)  # (H,)
+            loss.mean().backward()
+            self._losses[layer] = loss.detach()
+            if profile:
+                self._profiles[layer] = self._profile(q, k, rows, index)
+
+    def _profile(self, q: Tensor, k: Tensor, rows: Tensor, index: BlockIndex | None) -> dict[str, Tensor]:
+        """Per-head means over (batch, rows) of the profiler's measures; exact scores are formed
+        a chunk of rows at a time, never more than ROW_CHUNK_ELEMENTS of them."""
+        b, h, s, _ = q.shape
         selected = index.to_dense() if index is not None else None  # (B, H, NQ, NKV) bool
-        loss = torch.zeros(h, device=q.device)
         sums: dict[str, Tensor] = {}
         chunk = max(1, ROW_CHUNK_ELEMENTS // (b * h * s))
-        with torch.autocast(q.device.type, enabled=False):
-            for start in range(0, rows.numel(), chunk):
-                part = rows[start:start + chunk]
-                exact = exact_scores(q[:, :, part], k)  # (B, H, c, S)
-                predicted = q_leaf[:, :, start:start + chunk] @ k_leaf.transpose(-1, -2) * cfg.rank**-0.5
-                chunk_loss = predictor_loss(predicted, exact, cosine_weight=cfg.cosine_weight,
-                                            magnitude_weight=cfg.magnitude_weight) * (part.numel() / rows.numel())
-                chunk_loss.mean().backward()
-                loss += chunk_loss.detach()
-                if profile:
-                    measured = profile_rows(torch.softmax(exact, -1), part, cfg.block_size, cfg.tau, selected)
-                    for name, value in measured.items():
-                        sums[name] = sums.get(name, 0) + value
-        torch.autograd.backward([q_rows_lr, k_lr], [q_leaf.grad, k_leaf.grad])
-        self._losses[layer] = loss
-        if profile:
-            self._profiles[layer] = {name: value / (b * rows.numel()) for name, value in sums.items()}
+        for start in range(0, rows.numel(), chunk):
+            part = rows[start:start + chunk]
+            probs = torch.softmax(exact_scores(q[:, :, part], k), -1)  # (B, H, c, S)
+            for name, value in profile_rows(probs, part, self.cfg.block_size, self.cfg.tau, selected).items():
+                sums[name] = sums.get(name, 0) + value
+        return {name: value / (b * rows.numel()) for name, value in sums.items()}
 
     # ------------------------------------------------------------------ after each optimizer step
 

@@ -15,6 +15,8 @@ the estimated block masses (and any mass threshold on them) mean what the exact 
 Together they are zero iff the predicted softmax equals the exact one. Defaults 0.95 / 0.05
 are the DSV paper's split: the order matters most, the temperature needs only a nudge (a log
 ratio is scale-free, so 0.05 already pulls the norm within a few percent).
+The loss is computed from per-head Gram matrices of the keys (see `predictor_loss`): one pass
+over S per layer, whatever the number of sampled rows, and no M x S scores.
 """
 from __future__ import annotations
 
@@ -49,17 +51,44 @@ def sampled_rows(seq_len: int, stride: int, max_rows: int, step: int, device: to
 
 
 def exact_scores(q_rows: Tensor, k: Tensor) -> Tensor:
-    """(B, H, M, D) x (B, H, S, D) -> (B, H, M, S) float32 q k^T / sqrt(D), no grad."""
+    """(B, H, M, D) x (B, H, S, D) -> (B, H, M, S) float32 q k^T / sqrt(D), no grad (profiling)."""
     with torch.no_grad():
         return q_rows.float() @ k.float().transpose(-1, -2) * q_rows.shape[-1] ** -0.5
 
 
-def predictor_loss(predicted: Tensor, exact: Tensor, *, cosine_weight: float, magnitude_weight: float) -> Tensor:
-    """predicted, exact: (B, H, M, S) score rows -> (H,) loss per head, mean over batch and rows."""
-    p = predicted - predicted.mean(-1, keepdim=True)
-    e = exact - exact.mean(-1, keepdim=True)
-    p_norm, e_norm = p.norm(dim=-1), e.norm(dim=-1)  # (B, H, M)
-    cosine = (p * e).sum(-1) / (p_norm * e_norm).clamp_min(EPS)
+def centred_gram(a: Tensor, b: Tensor, pieces: int = 64) -> Tensor:
+    """a (B, H, S, X), b (B, H, S, Y), both centred over S -> a^T b (B, H, X, Y), summed over S in
+    `pieces` partial products (a (B*H)-batched product with one long reduction over S would keep
+    only B*H thread blocks busy on a GPU)."""
+    b_, h, s, x = a.shape
+    pieces = min(pieces, s)
+    pad = -s % pieces
+    a, b = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (a, b))  # zero rows add nothing
+    a = a.view(b_, h, pieces, -1, x)  # (B, H, P, S/P, X)
+    return (a.transpose(-1, -2) @ b.view(b_, h, pieces, -1, b.shape[-1])).sum(2)
+
+
+def predictor_loss(q_rows_lr: Tensor, k_lr: Tensor, q_rows: Tensor, k: Tensor, *, cosine_weight: float,
+                   magnitude_weight: float) -> Tensor:
+    """q_rows_lr (B, H, M, r), k_lr (B, H, S, r): the predictor's; q_rows (B, H, M, D), k (B, H, S, D):
+    the model's. Returns (H,) loss per head, mean over batch and sampled rows.
+
+    Neither the predicted rows p = q~ k~^T / sqrt(r) nor the exact rows e = q k^T / sqrt(D) are
+    formed. With keys centred over S (which centres every row: p_c = q~ K_c^T / sqrt(r)):
+        p_c . e_c = q (k_c^T K_c) q~^T / sqrt(D r),  |e_c|^2 = q (k_c^T k_c) q^T / D,
+        |p_c|^2 = q~ (K_c^T K_c) q~^T / r,
+    three Gram matrices per head (D x r, D x D, r x r), each one pass over the keys."""
+    d, r = q_rows.shape[-1], q_rows_lr.shape[-1]
+    q, k = q_rows.detach().float(), k.detach().float()  # the DiT's q, k: teachers only
+    with torch.no_grad():
+        k_centred = k - k.mean(-2, keepdim=True)  # (B, H, S, D)
+        e_norm = ((q @ centred_gram(k_centred, k_centred)) * q).sum(-1).clamp_min(0).sqrt() / d**0.5  # (B, H, M)
+    k_lr_centred = k_lr - k_lr.mean(-2, keepdim=True)  # (B, H, S, r)
+    cross = centred_gram(k_centred, k_lr_centred)  # (B, H, D, r)
+    gram = centred_gram(k_lr_centred, k_lr_centred)  # (B, H, r, r)
+    dot = ((q @ cross) * q_rows_lr).sum(-1) / (d * r) ** 0.5  # (B, H, M)
+    p_norm = ((q_rows_lr @ gram) * q_rows_lr).sum(-1).clamp_min(0).add(EPS**2).sqrt() / r**0.5
+    cosine = dot / (p_norm * e_norm).clamp_min(EPS)
     log_ratio = torch.log(p_norm + EPS) - torch.log(e_norm + EPS)
     per_row = cosine_weight * (1.0 - cosine) + magnitude_weight * log_ratio.square()  # (B, H, M)
     return per_row.mean((0, 2))

@@ -7,13 +7,34 @@ from dsv.sparse.predictor import predictor_loss, sampled_rows
 from tests.sparse.helpers import micro_model_config, planted_qk, sparse_config
 
 
-def test_loss_is_zero_for_a_shifted_copy_and_positive_otherwise():
-    exact = torch.randn(2, 3, 5, 40)
-    zero = predictor_loss(exact + 7.0, exact, cosine_weight=0.95, magnitude_weight=0.05)  # softmax ignores shifts
-    torch.testing.assert_close(zero, torch.zeros(3), atol=1e-5, rtol=0)
-    hotter = predictor_loss(2.0 * exact, exact, cosine_weight=0.95, magnitude_weight=0.05)
+def _explicit_loss(q_rows_lr, k_lr, q_rows, k, cosine_weight=0.95, magnitude_weight=0.05):
+    """The loss written out on the predicted and exact (B, H, M, S) score rows, in float64."""
+    p = (q_rows_lr.double() @ k_lr.double().transpose(-1, -2)) * q_rows_lr.shape[-1] ** -0.5
+    e = (q_rows.double() @ k.double().transpose(-1, -2)) * q_rows.shape[-1] ** -0.5
+    p, e = p - p.mean(-1, keepdim=True), e - e.mean(-1, keepdim=True)
+    cosine = torch.nn.functional.cosine_similarity(p, e, dim=-1)
+    log_ratio = torch.log(p.norm(dim=-1) / e.norm(dim=-1))
+    return (cosine_weight * (1 - cosine) + magnitude_weight * log_ratio.square()).mean((0, 2))
+
+
+def test_closed_form_loss_equals_the_loss_on_explicit_rows():
+    torch.manual_seed(0)
+    q_rows_lr, k_lr = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 45, 4) + 0.5  # S = 45: not a multiple of 64
+    q_rows, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 45, 8) - 0.3
+    got = predictor_loss(q_rows_lr, k_lr, q_rows, k, cosine_weight=0.95, magnitude_weight=0.05)
+    torch.testing.assert_close(got, _explicit_loss(q_rows_lr, k_lr, q_rows, k).float())  # fp32 vs fp64 rounding
+
+
+def test_loss_is_zero_for_the_exact_softmax_only():
+    torch.manual_seed(0)
+    q_rows, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 40, 4)
+    weights = dict(cosine_weight=0.95, magnitude_weight=0.05)
+    shift = torch.randn(4)  # k~ = k + c shifts every predicted row by a constant: same softmax
+    torch.testing.assert_close(predictor_loss(q_rows, k + shift, q_rows, k, **weights), torch.zeros(3),
+                               atol=1e-5, rtol=0)
+    hotter = predictor_loss(2 * q_rows, k, q_rows, k, **weights)  # twice the exact scores
     torch.testing.assert_close(hotter, torch.full((3,), 0.05 * torch.log(torch.tensor(2.0)).item() ** 2))
-    assert (predictor_loss(torch.randn(2, 3, 5, 40), exact, cosine_weight=0.95, magnitude_weight=0.05) > 0.5).all()
+    assert (predictor_loss(torch.randn(2, 3, 5, 4), k, q_rows, k, **weights) > 0.3).all()
 
 
 def test_sampled_rows_rotate_and_cover_every_row():
