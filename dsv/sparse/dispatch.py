@@ -5,7 +5,7 @@ per sequence length and kept-block density, the forward+backward time of the bes
 attention and of selection + block-sparse attention. A layer runs sparse where the speed-up,
 interpolated bilinearly in (log2 sequence length, density) and clamped to the table's range,
 is above `min_speedup`. The table shipped in dsv/sparse/dispatch_default.json was measured
-on an H100 (see its "device" and benchmarks/results/dsv_speed_*.md).
+on an H200 (see its "device" and benchmarks/results/dsv_speed_h200_2026-11-22.md).
 """
 from __future__ import annotations
 
