@@ -3,7 +3,7 @@
     dsv train --preset tiny --run-name demo        # see `dsv train --help` for every option
     dsv train --preset tiny --sparse dsv           # DSV sparse attention (--sparse.* options)
     dsv sample --ckpt runs/demo/ckpt/step_000000300.pt
-    dsv report runs/demo [runs/dense-baseline]     # DSV sparsity heatmaps, density, loss curves
+    dsv report runs/demo --baseline runs/dense     # DSV sparsity heatmaps, density, loss curves
     dsv bench dispatch --out table.json            # the dispatcher's dense/sparse table, on the GPU
     dsv plan --heads 16 --seq-len 131072 --gpus 16 # choose the context-parallel grid
     torchrun --nproc-per-node 4 -m dsv.cli train --cp-heads 2 --cp-seq 2 ...   # context parallel
