@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def plot_loss_curve(metrics_path: Path, out_png: Path, label: str | None = None) -> Path:
-    """Training loss (and validation loss where logged) against step."""
-    import matplotlib
+def plot_loss_curve(metrics_path: Path, out_png: Path, label: str | None = None) -> Path | None:
+    """Training loss (and validation loss where logged) against step; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

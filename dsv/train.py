@@ -45,7 +45,8 @@ class OptimConfig:
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps from 0 to lr"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * min_lr_ratio"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights used for sampling"})
+    ema_decay: float = field(default=0.999, metadata={
+        "help": "EMA of the weights used for sampling; the decay warms up as (1 + step) / (10 + step)"})
 
 
 @dataclass(kw_only=True)
@@ -272,7 +273,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.state.update_ema(self.cfg.optim.ema_decay)
+        # EMA warm-up: the average starts short and lengthens to ema_decay, so early samples are not noise
+        self.state.update_ema(min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step)))
         self.step += 1
         record = {"loss": global_loss, "lr": lr, "grad_norm": grad_norm.item()}
         if self.sparse:
@@ -351,5 +353,6 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
         logger.close()
     last["samples"] = [str(p) for p in write_samples(trainer, run_dir / "samples" / f"step_{trainer.step:06d}")]
     if runtime.is_main:
-        last["loss_curve"] = str(plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png"))
+        curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        last["loss_curve"] = str(curve) if curve else None
     return last
