@@ -198,7 +198,8 @@ class Trainer:
         self.step = 0
         self.grid = cfg.model.check_input(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.tokens_per_sample = prod(self.grid)
-        self.flops_per_step = train_flops(cfg.model, self.tokens_per_sample, self.local_batch)
+        # per rank: a context-parallel group of cp ranks shares its videos' work
+        self.flops_per_step = train_flops(cfg.model, self.tokens_per_sample, self.local_batch) / self.mesh.cp
         self.peak = peak_flops(self.device)
 
     # ------------------------------------------------------------------ state
