@@ -67,7 +67,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     traces = _traces(args)
     timeline = predict(traces, load_cluster(args.cluster))
     meta = {**traces[0].meta, "cluster": args.cluster}
-    shown = list(range(min(args.trace_ranks, timeline.world_size)))
+    shown = timeline.ranks[:args.trace_ranks]
     print(format_summary(write_outputs(timeline, args.out, meta=meta, trace_ranks=shown)))
     print(f"wrote {args.out}/summary.json and {args.out}/timeline.json (open in https://ui.perfetto.dev)")
 

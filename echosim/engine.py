@@ -5,6 +5,9 @@ ready when its stream predecessor and its dependencies have finished. A compute 
 runs for its duration; a communication node *arrives* at its rendezvous and starts only when
 the last member of its group has arrived (matched by the order of collectives on the group,
 as NCCL orders them on a communicator). Ties break by `seq`, so replays are deterministic.
+
+At scale, identical ranks are replayed once (`as_classes`): one representative per trace, with
+its group peers implied. An overlap model slows compute exactly while collectives run beside it.
 """
 from __future__ import annotations
 
@@ -46,9 +49,10 @@ class Span:
 
 @dataclass(kw_only=True)
 class Timeline:
-    """The replayed step: every span of every rank."""
+    """The replayed step: every span of every replayed rank."""
 
     world_size: int
+    ranks: list[int]  # the ranks replayed (all, or one representative per class)
     spans: list[Span]
 
     @property
@@ -58,6 +62,7 @@ class Timeline:
 
 ComputeModel = Callable[[Node], float]
 CollectiveModel = Callable[[CollectiveCall], tuple[float, str]]
+OverlapModel = Callable[[Node, list[CollectiveCall]], float]  # slowdown (>= 1) of a node beside these calls
 
 
 @dataclass(kw_only=True)
@@ -109,81 +114,150 @@ def assign_roles(traces: list[Trace]) -> list[Trace]:
     missing = [r for r, t in enumerate(by_rank) if t is None]
     if missing:
         raise TraceError(f"no trace plays ranks {missing} of a world of {world_size}")
-    partitions: dict[str, set[frozenset[int]]] = {}
+    owner: dict[str, dict[int, list[int]]] = {}  # group -> rank -> its block, as the first trace says
+    first: dict[str, list[list[int]]] = {}
     for trace in traces:
         for name, blocks in trace.groups.items():
-            mine = {frozenset(b) for b in blocks}
-            theirs = partitions.setdefault(name, mine)
-            if any(b & o and b != o for b in mine for o in theirs):
-                raise TraceError(f"inconsistent groups: {name!r} is {sorted(map(sorted, theirs))} in one "
-                                 f"trace and {sorted(map(sorted, mine))} in another")
+            if first.setdefault(name, blocks) is blocks and name in owner:
+                continue  # the same partition object: nothing new to check
+            of = owner.setdefault(name, {})
+            for block in blocks:
+                for rank in block:
+                    if of.setdefault(rank, block) != block:
+                        raise TraceError(f"inconsistent groups: {name!r} is {first[name]} in one trace and "
+                                         f"{blocks} in another")
     return by_rank
 
 
-def simulate(traces: list[Trace], *, compute_us: ComputeModel, collective_us: CollectiveModel) -> Timeline:
-    """Replay all ranks' traces together and return the timeline."""
+@dataclass(kw_only=True, slots=True)
+class _Job:
+    """A compute node in flight: work left (isolated microseconds) and its current slowdown."""
+
+    start: float
+    left: float
+    since: float  # when `left` was last brought up to date
+    factor: float
+    seq: int  # the heap entry that is current; older ones are stale
+
+
+def simulate(traces: list[Trace], *, compute_us: ComputeModel, collective_us: CollectiveModel,
+             as_classes: bool = False, overlap: OverlapModel | None = None) -> Timeline:
+    """Replay all ranks' traces together and return the timeline.
+
+    With `as_classes`, each trace is one class of identical ranks: only its first rank (the
+    representative) is replayed, a collective waits for the representatives of the classes its
+    group block spans, and the communication model is still asked with the full block. With an
+    `overlap` model, a compute node progresses at 1/factor of its speed exactly while
+    collectives run on its rank (factor from the model, re-evaluated when one starts or ends).
+    """
     by_rank = assign_roles(traces)
     plans = {id(t): _plan(t, compute_us) for t in traces}
-    plan_of = [plans[id(t)] for t in by_rank]
-    remaining = [list(p.indegree) for p in plan_of]
+    if as_classes:
+        rep_of = [t.ranks[0] for t in by_rank]
+        simulated = sorted(t.ranks[0] for t in traces)
+    else:
+        rep_of = list(range(len(by_rank)))
+        simulated = list(rep_of)
+    plan_of = {r: plans[id(by_rank[r])] for r in simulated}
+    remaining = {r: list(plan_of[r].indegree) for r in simulated}
+    running: dict[int, dict[tuple, CollectiveCall]] = {r: {} for r in simulated}  # rank -> key -> call
+    active: dict[int, dict[int, _Job]] = {r: {} for r in simulated}  # rank -> position -> compute job
+    comm_key: dict[tuple[int, int], tuple] = {}
     spans: list[Span] = []
     heap: list[tuple[float, int, int, int]] = []
     order = itertools.count()
     arrivals: dict[tuple, list[tuple[int, int, float]]] = {}
+    blocks: dict[tuple[str, int], tuple[list[int], tuple[int, ...]]] = {}
 
-    def finish_at(time: float, rank: int, pos: int) -> None:
-        heapq.heappush(heap, (time, next(order), rank, pos))
+    def block_of(rank: int, group: str) -> tuple[list[int], tuple[int, ...]]:
+        """The rank's block of `group` and the representatives that must arrive for it."""
+        if (group, rank) not in blocks:
+            block = plan_of[rank].trace.block(group, rank)
+            blocks[group, rank] = block, tuple(sorted({rep_of[r] for r in block}))
+        return blocks[group, rank]
 
-    def rendezvous(rank: int, pos: int, node: Node) -> tuple[tuple, list[int]]:
-        block = plan_of[rank].trace.block(node.group, rank)
+    def rendezvous(rank: int, pos: int, node: Node) -> tuple[tuple, list[int], int]:
+        block, parties = block_of(rank, node.group)
         seq = plan_of[rank].match_seq[pos]
         if node.kind == "COMM_COLL":
-            return ("coll", node.group, tuple(block), seq), block
+            return ("coll", node.group, parties, seq), block, len(parties)
         src, dst = (rank, block[node.peer]) if node.kind == "COMM_SEND" else (block[node.peer], rank)
-        return ("p2p", node.group, src, dst, seq), [src, dst]
+        return ("p2p", node.group, rep_of[src], rep_of[dst], seq), [src, dst], 2
+
+    def retime(rank: int, time: float) -> None:
+        """Collectives on `rank` changed: bring its compute jobs up to date and reschedule them."""
+        calls = list(running[rank].values())
+        for pos, job in active[rank].items():
+            job.left = max(0.0, job.left - (time - job.since) / job.factor)
+            job.since = time
+            job.factor = overlap(plan_of[rank].trace.nodes[pos], calls) if calls else 1.0
+            job.seq = next(order)
+            heapq.heappush(heap, (time + job.left * job.factor, job.seq, rank, pos))
 
     def start_comm(key: tuple, members: list[int]) -> None:
         arrived = arrivals.pop(key)
         nodes = [plan_of[r].trace.nodes[p] for r, p, _ in arrived]
-        call = _call(key, members, arrived, nodes)
+        call = _call(key, members, arrived, nodes, rep_of)
         begin = max(t for _, _, t in arrived)
         duration, how = collective_us(call)
         for (rank, pos, arrive), node in zip(arrived, nodes):
             spans.append(Span(rank=rank, stream=node.stream, name=node.name, kind=node.kind, start_us=begin,
                               end_us=begin + duration, arrive_us=arrive,
                               args={"bytes": node.bytes, "group": members, "how": how}))
-            finish_at(begin + duration, rank, pos)
+            heapq.heappush(heap, (begin + duration, next(order), rank, pos))
+            if overlap is not None and (rank, pos) not in comm_key:
+                comm_key[rank, pos] = key
+                running[rank][key] = call
+                retime(rank, begin)
 
     def ready(rank: int, pos: int, time: float) -> None:
         node = plan_of[rank].trace.nodes[pos]
         if not node.is_comm:
-            end = time + plan_of[rank].duration[pos]
-            spans.append(Span(rank=rank, stream=node.stream, name=node.name, kind=node.kind, start_us=time,
-                              end_us=end, arrive_us=time, args={"shapes": node.shapes, "flops": node.flops}))
-            finish_at(end, rank, pos)
+            calls = running[rank]
+            factor = overlap(node, list(calls.values())) if overlap is not None and calls else 1.0
+            job = _Job(start=time, left=plan_of[rank].duration[pos], since=time, factor=factor, seq=next(order))
+            active[rank][pos] = job
+            heapq.heappush(heap, (time + job.left * factor, job.seq, rank, pos))
             return
-        key, members = rendezvous(rank, pos, node)
+        key, members, parties = rendezvous(rank, pos, node)
         arrivals.setdefault(key, []).append((rank, pos, time))
-        if len(arrivals[key]) == len(members):
+        if len(arrivals[key]) == parties:
             start_comm(key, members)
 
-    for rank, plan in enumerate(plan_of):
-        for pos, degree in enumerate(plan.indegree):
+    for rank in simulated:
+        for pos, degree in enumerate(plan_of[rank].indegree):
             if degree == 0:
                 ready(rank, pos, 0.0)
     while heap:
-        time, _, rank, pos = heapq.heappop(heap)
+        time, seq, rank, pos = heapq.heappop(heap)
+        plan = plan_of[rank]
+        node = plan.trace.nodes[pos]
+        if not node.is_comm:
+            job = active[rank].get(pos)
+            if job is None or job.seq != seq:
+                continue  # rescheduled by a change of overlapping collectives
+            del active[rank][pos]
+            isolated = plan.duration[pos]
+            args = {"shapes": node.shapes, "flops": node.flops}
+            if time - job.start > isolated + 1e-9:
+                args["slowdown"] = (time - job.start) / isolated
+            spans.append(Span(rank=rank, stream=node.stream, name=node.name, kind=node.kind, start_us=job.start,
+                              end_us=time, arrive_us=job.start, args=args))
+        elif overlap is not None:
+            running[rank].pop(comm_key.pop((rank, pos)), None)
+            retime(rank, time)
         left = remaining[rank]
-        for succ in plan_of[rank].successors[pos]:
+        for succ in plan.successors[pos]:
             left[succ] -= 1
             if left[succ] == 0:
                 ready(rank, succ, time)
     if arrivals:
         raise SimulationError(_describe_deadlock(arrivals, plan_of))
-    return Timeline(world_size=len(by_rank), spans=spans)
+    return Timeline(world_size=len(by_rank), ranks=simulated, spans=spans)
 
 
-def _call(key: tuple, members: list[int], arrived: list[tuple[int, int, float]], nodes: list[Node]) -> CollectiveCall:
+def _call(key: tuple, members: list[int], arrived: list[tuple[int, int, float]], nodes: list[Node],
+          rep_of: list[int]) -> CollectiveCall:
     """Check that all members agree on what they are doing, and describe it to the model."""
     if key[0] == "p2p":
         send, recv = sorted(nodes, key=lambda n: n.kind != "COMM_SEND")
@@ -191,8 +265,8 @@ def _call(key: tuple, members: list[int], arrived: list[tuple[int, int, float]],
             raise SimulationError(f"send/recv {members[0]}->{members[1]} disagree: {send.kind} of {send.bytes} B "
                                   f"meets {recv.kind} of {recv.bytes} B")
         return CollectiveCall(name="send_recv", members=members, bytes=send.bytes)
-    order = {rank: i for i, (rank, _, _) in enumerate(arrived)}
-    nodes = [nodes[order[r]] for r in members]
+    of_party = {rank: node for (rank, _, _), node in zip(arrived, nodes)}
+    nodes = [of_party[rep_of[r]] for r in members]
     first = nodes[0]
     for rank, node in zip(members, nodes):
         if node.name != first.name or (node.name != "all_to_all" and node.bytes != first.bytes):
@@ -205,7 +279,7 @@ def _call(key: tuple, members: list[int], arrived: list[tuple[int, int, float]],
     return CollectiveCall(name=first.name, members=members, bytes=first.bytes, split_bytes=splits)
 
 
-def _describe_deadlock(arrivals: dict, plan_of: list[_Plan]) -> str:
+def _describe_deadlock(arrivals: dict, plan_of: dict[int, _Plan]) -> str:
     lines = ["simulation deadlocked; rendezvous that never completed:"]
     for key, arrived in list(arrivals.items())[:5]:
         rank, pos, _ = arrived[0]

@@ -37,7 +37,7 @@ class TraceError(ValueError):
     """A trace that cannot be simulated: the message names the file, node and problem."""
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class Node:
     """One operation of a rank's step."""
 
@@ -138,6 +138,7 @@ def validate(trace: Trace, *, source: str = "<trace>") -> None:
         if len(flat) != len(set(flat)) or any(not 0 <= r < trace.world_size for r in flat):
             raise fail(f"group {name!r} blocks {blocks} overlap or leave the world of {trace.world_size}")
     seen: set[int] = set()
+    used: dict[str, set[tuple[int, ...] | None]] = {}  # group -> blocks the trace's ranks are in
     for node in trace.nodes:
         where = f"node {node.id} ({node.name})"
         if node.id in seen:
@@ -156,12 +157,19 @@ def validate(trace: Trace, *, source: str = "<trace>") -> None:
             raise fail(f"{where}: unknown collective {node.name!r}, expected one of {COLLECTIVES}")
         if node.group not in trace.groups:
             raise fail(f"{where}: unknown group {node.group!r}; trace defines {sorted(trace.groups)}")
-        blocks = [[b for b in trace.groups[node.group] if rank in b] for rank in trace.ranks]
-        if any(not b for b in blocks):
-            lost = [r for r, b in zip(trace.ranks, blocks) if not b]
-            raise fail(f"{where}: ranks {lost} are in no block of group {node.group!r}")
-        for (block,) in blocks:
+        if node.group not in used:
+            used[node.group] = _blocks_of(trace, node.group)
+            if None in used[node.group]:
+                lost = [r for r in trace.ranks if not any(r in b for b in used[node.group] if b)]
+                raise fail(f"{where}: ranks {lost} are in no block of group {node.group!r}")
+        for block in used[node.group]:
             if node.kind != "COMM_COLL" and not (node.peer is not None and 0 <= node.peer < len(block)):
-                raise fail(f"{where}: peer {node.peer} is not a position in group block {block}")
+                raise fail(f"{where}: peer {node.peer} is not a position in group block {list(block)}")
             if node.split_bytes is not None and len(node.split_bytes) != len(block):
                 raise fail(f"{where}: split_bytes has {len(node.split_bytes)} entries for a group of {len(block)}")
+
+
+def _blocks_of(trace: Trace, group: str) -> set[tuple[int, ...] | None]:
+    """The blocks of `group` that the trace's ranks belong to (None: some rank is in none)."""
+    block_of = {r: tuple(b) for b in trace.groups[group] for r in b}
+    return {block_of.get(r) for r in trace.ranks}

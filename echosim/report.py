@@ -41,7 +41,7 @@ def breakdowns(timeline: Timeline) -> list[Breakdown]:
             waiting[s.rank].append((s.arrive_us, s.start_us))
     step = timeline.step_us
     out = []
-    for rank in range(timeline.world_size):
+    for rank in timeline.ranks:
         busy = _covered(compute[rank])
         with_comm = _covered(compute[rank] + transfer[rank])
         with_wait = _covered(compute[rank] + transfer[rank] + waiting[rank])
@@ -85,7 +85,7 @@ def format_summary(data: dict) -> str:
 
 def chrome_trace(timeline: Timeline, *, ranks: list[int] | None = None) -> dict:
     """Chrome trace-event JSON (opens in Perfetto): pid = rank, tid = stream, ph "X" events."""
-    keep = set(range(timeline.world_size) if ranks is None else ranks)
+    keep = set(timeline.ranks if ranks is None else ranks)
     streams: dict[str, int] = {}
     events: list[dict] = []
     for s in timeline.spans:

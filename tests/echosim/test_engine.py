@@ -135,3 +135,26 @@ def test_chrome_trace_has_one_complete_event_per_span_and_wait_events():
                                 (1, "all_reduce", 100, 20), (1, "op0", 0, 30), (1, "wait all_reduce", 30, 70)]
     names = {(e["pid"], e["args"]["name"]) for e in events if e["name"] == "thread_name"}
     assert names == {(0, "compute"), (0, "comm"), (1, "compute"), (1, "comm")}
+
+
+def test_overlap_slows_compute_exactly_while_a_collective_runs():
+    # op0 [0, 100) alone would end at 100; the all-reduce runs [20, 50) beside it at 1.5x:
+    # 20 us of work before, 30/1.5 = 20 during, 60 after -> ends at 110.
+    # op4 starts with the all-reduce and ends inside it: 10 us of work take 15.
+    # op1 ran before the all-reduce and op3 after it: neither is slowed.
+    nodes = [comp(0, 100), comp(1, 20, stream="side"), coll(2, deps=[1]), comp(3, 10, deps=[0]),
+             comp(4, 10, deps=[1], stream="side2")]
+    seen = []
+
+    def overlap(node, calls):
+        seen.append((node.name, tuple(c.name for c in calls)))
+        return 1.5
+
+    tl = simulate([trace(nodes)], compute_us=None, collective_us=fixed(30), overlap=overlap)
+    assert spans_by(tl) == {"op0": (0, 110), "op1": (0, 20), "all_reduce": (20, 50), "op3": (110, 120),
+                            "op4": (20, 35)}
+    slowed = {s.name: s.args.get("slowdown") for s in tl.spans if s.kind == "COMP"}
+    assert slowed == {"op0": pytest.approx(1.1), "op1": None, "op3": None, "op4": pytest.approx(1.5)}
+    assert set(seen) == {("op0", ("all_reduce",)), ("op4", ("all_reduce",))}
+    plain = simulate([trace(nodes)], compute_us=None, collective_us=fixed(30))
+    assert spans_by(plain)["op0"] == (0, 100)
