@@ -171,18 +171,17 @@ class Trainer:
         # -- DSV: predictors, profiler and schedule live in the attention backend, outside the model
         self.sparse: DSVAttention | None = None
         if cfg.sparse.mode == "dsv":
+            # one all-reduce over every rank (group None): sums each cp group's shares, averages the dp replicas
             self.sparse = DSVAttention(cfg.sparse, cfg.model, self.device, seed=cfg.seed,
-                                       world_size=runtime.world_size)
+                                       world_size=runtime.world_size, context_parallel=cfg.cp_heads * cfg.cp_seq)
             model.set_attention(self.sparse)
         # -- context parallelism: a (dp, heads, seq) mesh; the cp ranks of a group share samples and noise
         self.mesh = build_parallel_mesh(self.device.type, runtime.world_size, cp_heads=cfg.cp_heads,
                                         cp_seq=cfg.cp_seq, heads_inner=cfg.cp_heads_inner)
         cp_attention = None
-        if self.mesh.cp > 1:
-            if self.sparse:
-                raise ValueError("--sparse dsv with context parallelism (--cp-heads/--cp-seq > 1) is not wired into "
-                                 "the trainer yet: use --sparse none with context parallelism, or cp 1 with DSV")
-            cp_attention = ContextParallelAttention(self.mesh, heads=cfg.model.heads)
+        if self.mesh.cp > 1:  # DSV: predictor features travel with the heads, selection where a head lives
+            cp_attention = (self.sparse.context_parallel_attention(self.mesh) if self.sparse else
+                            ContextParallelAttention(self.mesh, heads=cfg.model.heads))
         self.model = parallelize(model, runtime, activation_checkpointing=cfg.activation_checkpointing,
                                  compile=cfg.compile, param_dtype=self.autocast_dtype, mesh=self.mesh,
                                  cp_attention=cp_attention)

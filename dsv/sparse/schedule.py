@@ -56,8 +56,12 @@ class TwoStageSchedule:
         self.stage, self.switch_step, self.loss_ema = state["stage"], state["switch_step"], state["loss_ema"]
 
 
+def kept_counts(budget: Tensor, num_blocks: int) -> Tensor:
+    """KV blocks every query block keeps for per-head budgets (...,): ceil(budget * NKV) clamped
+    to [1, NKV], as in `select_from_mass`."""
+    return torch.ceil(budget * num_blocks).clamp(1, num_blocks)
+
+
 def kept_density(budget: Tensor, num_blocks: int) -> float:
-    """Fraction of tiles the selection computes for per-head budgets (H,): counts are
-    ceil(budget * NKV) clamped to [1, NKV] for every query block, as in `select_from_mass`."""
-    counts = torch.ceil(budget * num_blocks).clamp(1, num_blocks)
-    return counts.mean().item() / num_blocks
+    """Fraction of tiles the selection computes for per-head budgets (H,)."""
+    return kept_counts(budget, num_blocks).mean().item() / num_blocks
