@@ -227,7 +227,7 @@ class DSVAttention:
                 every = select_blocks(q_lr, k_lr, block_size=self.cfg.block_size, budget=budget, mode="fast")
                 index = query_block_rows(every, sel.first_query_block, num_blocks(sel.q.shape[2], self.cfg.block_size))
         if training:
-            with self.timer.phase("predictor"):
+            with _own_graph(training), self.timer.phase("predictor"):
                 self._train_owned_heads(sel, index if profile else None, profile)
             self._selection[layer] = index if sparse else None
         return index if sparse else None
