@@ -11,9 +11,11 @@ its group peers implied. An overlap model slows compute exactly while collective
 """
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from echosim.graph import Node, Trace, TraceError
@@ -95,8 +97,17 @@ def _plan(trace: Trace, compute_us: ComputeModel) -> _Plan:
             key = (node.group,) if node.kind == "COMM_COLL" else (node.group, node.kind, node.peer)
             match_seq[i] = seen.get(key, 0)
             seen[key] = match_seq[i] + 1
-    duration = [0.0 if n.is_comm else (n.duration_us if n.duration_us is not None else compute_us(n))
-                for n in trace.nodes]
+    modelled: dict[tuple, float] = {}  # copies of one template node share its shapes list: model them once
+    duration = [0.0] * len(trace.nodes)
+    for i, n in enumerate(trace.nodes):
+        if n.kind == "COMP":
+            if n.duration_us is not None:
+                duration[i] = n.duration_us
+                continue
+            key = (n.name, n.dtype, n.flops, n.bytes, id(n.shapes))
+            if key not in modelled:
+                modelled[key] = compute_us(n)
+            duration[i] = modelled[key]
     return _Plan(trace=trace, successors=successors, indegree=indegree, match_seq=match_seq, duration=duration)
 
 
@@ -129,6 +140,19 @@ def assign_roles(traces: list[Trace]) -> list[Trace]:
     return by_rank
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: graphs and timelines of millions of acyclic objects
+    would otherwise be rescanned over and over while they grow (2-3x the run time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 @dataclass(kw_only=True, slots=True)
 class _Job:
     """A compute node in flight: work left (isolated microseconds) and its current slowdown."""
@@ -150,6 +174,12 @@ def simulate(traces: list[Trace], *, compute_us: ComputeModel, collective_us: Co
     `overlap` model, a compute node progresses at 1/factor of its speed exactly while
     collectives run on its rank (factor from the model, re-evaluated when one starts or ends).
     """
+    with paused_gc():
+        return _simulate(traces, compute_us, collective_us, as_classes, overlap)
+
+
+def _simulate(traces: list[Trace], compute_us: ComputeModel, collective_us: CollectiveModel, as_classes: bool,
+              overlap: OverlapModel | None) -> Timeline:
     by_rank = assign_roles(traces)
     plans = {id(t): _plan(t, compute_us) for t in traces}
     if as_classes:

@@ -15,9 +15,10 @@ microbatches on p stages: the bubble is (p - 1) / (m + p - 1) of the step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from echosim.engine import paused_gc
 from echosim.graph import Node, Trace
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -59,8 +60,10 @@ class GraphBuilder:
         base = len(self.nodes)
         after = list(after)
         for t in template:
-            deps = [base + d for d in t.deps] if t.deps else after
-            self.nodes.append(replace(t, id=base + t.id, deps=deps))
+            self.nodes.append(Node(id=base + t.id, kind=t.kind, name=t.name, stream=t.stream,
+                                   deps=[base + d for d in t.deps] if t.deps else after,
+                                   duration_us=t.duration_us, shapes=t.shapes, dtype=t.dtype, flops=t.flops,
+                                   bytes=t.bytes, group=t.group, peer=t.peer, split_bytes=t.split_bytes))
         return list(range(base, base + len(template)))
 
     def comm(self, *, kind: str, name: str, stream: str, group: str, nbytes: float, deps: list[int] = (),
@@ -112,33 +115,38 @@ def compose_pipeline(stages: list[StageWork], *, schedule: str, microbatches: in
                      meta: dict | None = None) -> list[Trace]:
     """One Trace per stage, standing for `stage_ranks[s]`; `groups` must hold the "pp" partition,
     each of whose blocks lists one rank per stage in stage order."""
+    with paused_gc():
+        return [_compose_stage(stages, s, order, schedule=schedule, microbatches=microbatches,
+                               world_size=world_size, ranks=stage_ranks[s], groups=groups, meta=meta)
+                for s, order in enumerate(schedule_order(schedule, len(stages), microbatches))]
+
+
+def _compose_stage(stages: list[StageWork], s: int, order: list[tuple[str, int]], *, schedule: str,
+                   microbatches: int, world_size: int, ranks: list[int], groups: dict[str, list[list[int]]],
+                   meta: dict | None) -> Trace:
     p = len(stages)
-    traces = []
-    for s, order in enumerate(schedule_order(schedule, p, microbatches)):
-        work, graph = stages[s], GraphBuilder()
-        last: list[int] = []
-        for phase, mb in order:
-            if phase == "F":
-                after = last
-                if s > 0:
-                    after = after + [graph.comm(kind="COMM_RECV", name="recv", stream="recv_fwd", group=PP_GROUP,
-                                                nbytes=stages[s - 1].activation_bytes, peer=s - 1)]
-                end = work.forward(graph, mb, after)
-                if s < p - 1:
-                    graph.comm(kind="COMM_SEND", name="send", stream="send_fwd", group=PP_GROUP,
-                               nbytes=work.activation_bytes, deps=[end], peer=s + 1)
-            else:
-                after = last
-                if s < p - 1:
-                    after = after + [graph.comm(kind="COMM_RECV", name="recv", stream="recv_bwd", group=PP_GROUP,
-                                                nbytes=work.activation_bytes, peer=s + 1)]
-                end = work.backward(graph, mb, after)
-                if s > 0:
-                    graph.comm(kind="COMM_SEND", name="send", stream="send_bwd", group=PP_GROUP,
-                               nbytes=stages[s - 1].activation_bytes, deps=[end], peer=s - 1)
-            last = [end]
-        work.finish(graph, last)
-        traces.append(Trace(world_size=world_size, ranks=list(stage_ranks[s]), groups=groups, nodes=graph.nodes,
-                            meta={**(meta or {}), "pipeline_stage": s, "schedule": schedule,
-                                  "microbatches": microbatches}))
-    return traces
+    work, graph = stages[s], GraphBuilder()
+    last: list[int] = []
+    for phase, mb in order:
+        if phase == "F":
+            after = last
+            if s > 0:
+                after = after + [graph.comm(kind="COMM_RECV", name="recv", stream="recv_fwd", group=PP_GROUP,
+                                            nbytes=stages[s - 1].activation_bytes, peer=s - 1)]
+            end = work.forward(graph, mb, after)
+            if s < p - 1:
+                graph.comm(kind="COMM_SEND", name="send", stream="send_fwd", group=PP_GROUP,
+                           nbytes=work.activation_bytes, deps=[end], peer=s + 1)
+        else:
+            after = last
+            if s < p - 1:
+                after = after + [graph.comm(kind="COMM_RECV", name="recv", stream="recv_bwd", group=PP_GROUP,
+                                            nbytes=work.activation_bytes, peer=s + 1)]
+            end = work.backward(graph, mb, after)
+            if s > 0:
+                graph.comm(kind="COMM_SEND", name="send", stream="send_bwd", group=PP_GROUP,
+                           nbytes=stages[s - 1].activation_bytes, deps=[end], peer=s - 1)
+        last = [end]
+    work.finish(graph, last)
+    return Trace(world_size=world_size, ranks=list(ranks), groups=groups, nodes=graph.nodes,
+                 meta={**(meta or {}), "pipeline_stage": s, "schedule": schedule, "microbatches": microbatches})

@@ -1,0 +1,175 @@
+"""A GPT training step under tensor x pipeline x data parallelism, as one trace per stage.
+
+Ranks are laid out as Megatron lays them out, tensor-parallel fastest, then data, then pipeline:
+rank = (stage * dp + d) * tp + t, so a tensor-parallel group sits inside a node. Every rank of a
+stage does the same work on its own shard, so one trace stands for all tp x dp ranks of a stage
+and `simulate(..., as_classes=True)` replays one representative per stage.
+
+Per stage: layers / pp layers (+ the embedding on the first, the head on the last), the
+microbatches ordered by the pipeline schedule (echosim.pipeline), then data parallelism:
+
+    ddp   gradients (fp32) all-reduced over dp in buckets of `bucket_mb`, each launched as soon as
+          the last microbatch's backward has produced its layers (Megatron's overlapped reduce)
+    fsdp  each part's bf16 weights all-gathered over dp before the first microbatch and kept for
+          the step (torchtitan's choice under PP), gradients reduce-scattered per part in the last
+          backward; the optimizer updates 1/dp of the master weights
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from echosim.graph import Trace
+from echosim.pipeline import SCHEDULES, GraphBuilder, compose_pipeline
+from echosim.trace.gpt import GPT_PRESETS, GPTConfig, GPTParts, TracedPart, trace_gpt_parts
+
+DATA_PARALLEL = ("ddp", "fsdp")
+GRAD_BYTES = 4  # gradients are reduced in fp32 (Megatron's main_grad)
+PARAM_BYTES = 2  # bf16 working weights
+
+
+@dataclass(kw_only=True)
+class GPTJob:
+    """One GPT training configuration: model, parallelism, batch."""
+
+    model: str = field(default="gpt-175b", metadata={"help": f"GPT preset: {', '.join(GPT_PRESETS)}"})
+    tp: int = field(default=8, metadata={"help": "tensor-parallel degree"})
+    pp: int = field(default=16, metadata={"help": "pipeline stages"})
+    dp: int = field(default=8, metadata={"help": "data-parallel degree"})
+    sequence_parallel: bool = field(default=True, metadata={"help": "Megatron sequence parallelism with TP"})
+    data_parallel: str = field(default="ddp", metadata={"help": f"one of {DATA_PARALLEL}"})
+    schedule: str = field(default="1f1b", metadata={"help": f"pipeline schedule: one of {SCHEDULES}"})
+    micro_batch: int = field(default=1, metadata={"help": "samples per microbatch"})
+    global_batch: int = field(default=1536, metadata={"help": "samples per step over all replicas"})
+    bucket_mb: float = field(default=25.0, metadata={"help": "DDP gradient bucket size in MiB"})
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def microbatches(self) -> int:
+        return self.global_batch // (self.dp * self.micro_batch)
+
+    def config(self) -> GPTConfig:
+        return GPT_PRESETS[self.model]()
+
+    def problems(self) -> list[str]:
+        """Why this configuration cannot run the model (empty when it can)."""
+        cfg, out = self.config(), []
+        if self.data_parallel not in DATA_PARALLEL:
+            out.append(f"data parallelism {self.data_parallel!r} is not one of {DATA_PARALLEL}")
+        if self.schedule not in SCHEDULES:
+            out.append(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+        for what, n in (("heads", cfg.heads), ("hidden size", cfg.hidden), ("vocabulary", cfg.vocab)):
+            if n % self.tp:
+                out.append(f"tp={self.tp} does not divide the {what} ({n})")
+        if self.sequence_parallel and cfg.seq % self.tp:
+            out.append(f"tp={self.tp} does not divide the sequence ({cfg.seq}) under sequence parallelism")
+        if cfg.layers % self.pp:
+            out.append(f"pp={self.pp} does not divide the {cfg.layers} layers")
+        if self.global_batch % (self.dp * self.micro_batch):
+            out.append(f"dp x micro-batch = {self.dp} x {self.micro_batch} does not divide the global batch "
+                       f"({self.global_batch})")
+        return out
+
+    def parts(self) -> GPTParts:
+        shards = self.dp if self.data_parallel == "fsdp" else 1
+        return trace_gpt_parts(self.config(), tp=self.tp, sequence_parallel=self.sequence_parallel,
+                               micro_batch=self.micro_batch, optimizer_shards=shards)
+
+    def stage_parts(self, stage: int) -> list[tuple[str, TracedPart]]:
+        """The parts on `stage`, in forward order."""
+        parts = self.parts()
+        names = [("embedding", parts.embedding)] if stage == 0 else []
+        names += [(f"layer{stage * self.layers_per_stage + i}", parts.layer) for i in range(self.layers_per_stage)]
+        return names + ([("head", parts.head)] if stage == self.pp - 1 else [])
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.config().layers // self.pp
+
+    def activation_bytes(self) -> float:
+        """What one stage sends the next per microbatch: (S or S/t, B, H) in bf16."""
+        cfg = self.config()
+        seq = cfg.seq // self.tp if self.sequence_parallel and self.tp > 1 else cfg.seq
+        return float(seq * self.micro_batch * cfg.hidden * PARAM_BYTES)
+
+    def groups(self) -> dict[str, list[list[int]]]:
+        tp, dp, pp = self.tp, self.dp, self.pp
+
+        def rank(s: int, d: int, t: int) -> int:
+            return (s * dp + d) * tp + t
+
+        return {"tp": [[rank(s, d, t) for t in range(tp)] for s in range(pp) for d in range(dp)],
+                "dp": [[rank(s, d, t) for d in range(dp)] for s in range(pp) for t in range(tp)],
+                "pp": [[rank(s, d, t) for s in range(pp)] for d in range(dp) for t in range(tp)]}
+
+
+@dataclass(kw_only=True)
+class GPTStage:
+    """One pipeline stage's work (echosim.pipeline.StageWork) with its data-parallel traffic."""
+
+    job: GPTJob
+    parts: list[tuple[str, TracedPart]]
+    activation_bytes: float
+    _synced: list[int] = field(default_factory=list)  # gradient-reduction nodes of the last backward
+
+    def forward(self, graph: GraphBuilder, microbatch: int, after: list[int]) -> int:
+        gather = self.job.data_parallel == "fsdp" and self.job.dp > 1 and microbatch == 0
+        last = after
+        for _, part in self.parts:
+            weights = [graph.comm(kind="COMM_COLL", name="all_gather", stream="dp_param", group="dp",
+                                  nbytes=part.params * PARAM_BYTES)] if gather else []
+            last = [graph.add(part.forward, after=last + weights)[-1]]
+        return last[0]
+
+    def backward(self, graph: GraphBuilder, microbatch: int, after: list[int]) -> int:
+        final = microbatch == self.job.microbatches - 1 and self.job.dp > 1
+        bucket_bytes, pending = self.job.bucket_mb * 2**20, 0.0
+        last = after
+        for _, part in reversed(self.parts):
+            last = [graph.add(part.backward, after=last)[-1]]
+            if not final:
+                continue
+            if self.job.data_parallel == "fsdp":
+                self._synced.append(graph.comm(kind="COMM_COLL", name="reduce_scatter", stream="dp_grad", group="dp",
+                                               nbytes=part.params * GRAD_BYTES, deps=last))
+                continue
+            pending += part.params * GRAD_BYTES
+            if pending >= bucket_bytes:
+                self._synced += self._all_reduce(graph, pending, bucket_bytes, last)
+                pending = 0.0
+        if final and pending:
+            self._synced += self._all_reduce(graph, pending, bucket_bytes, last)
+        return last[0]
+
+    def _all_reduce(self, graph: GraphBuilder, nbytes: float, bucket_bytes: float, deps: list[int]) -> list[int]:
+        """Buckets of at most `bucket_bytes` covering `nbytes` of ready gradients."""
+        ids = []
+        while nbytes > 0:
+            size = min(nbytes, bucket_bytes)
+            ids.append(graph.comm(kind="COMM_COLL", name="all_reduce", stream="dp_grad", group="dp", nbytes=size,
+                                  deps=deps))
+            nbytes -= size
+        return ids
+
+    def finish(self, graph: GraphBuilder, after: list[int]) -> None:
+        after = after + self._synced[-1:]  # the reductions share one stream: the last one ends last
+        for _, part in self.parts:
+            graph.add(part.optimizer, after=after)
+
+
+def gpt_traces(job: GPTJob) -> list[Trace]:
+    """One trace per pipeline stage, standing for its tp x dp ranks; raises ValueError if `job`
+    cannot run its model."""
+    problems = job.problems()
+    if problems:
+        raise ValueError(f"{job.model} on tp={job.tp} pp={job.pp} dp={job.dp}: " + "; ".join(problems))
+    per_stage = job.tp * job.dp
+    stages = [GPTStage(job=job, parts=job.stage_parts(s), activation_bytes=job.activation_bytes())
+              for s in range(job.pp)]
+    return compose_pipeline(stages, schedule=job.schedule, microbatches=job.microbatches,
+                            world_size=job.world_size, groups=job.groups(),
+                            stage_ranks=[list(range(s * per_stage, (s + 1) * per_stage)) for s in range(job.pp)],
+                            meta={"workload": "gpt", "model": job.model, "tp": job.tp, "pp": job.pp, "dp": job.dp,
+                                  "sequence_parallel": job.sequence_parallel, "data_parallel": job.data_parallel})

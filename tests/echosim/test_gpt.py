@@ -1,0 +1,97 @@
+"""The GPT workload: Megatron's collectives per layer, stage graphs under TP x PP x DP, classes."""
+import pytest
+
+from echosim.comm import CommModel
+from echosim.engine import simulate
+from echosim.gpt3d import GPTJob, gpt_traces
+from echosim.hw import load_cluster, load_gpu
+from echosim.kernels import KernelModel
+from echosim.trace.gpt import GPT_PRESETS, trace_gpt_parts
+
+CFG = GPT_PRESETS["gpt-tiny"]()  # 4 layers, hidden 64, 4 heads, sequence 32, vocabulary 512
+MICRO = 2
+GEMMS = {"aten.mm", "aten.addmm", "aten.bmm"}
+
+
+def comms(nodes):
+    return [(n.name, n.group, n.bytes) for n in nodes if n.is_comm]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_layer_collectives_follow_megatron_without_sequence_parallelism(tp):
+    layer = trace_gpt_parts(CFG, tp=tp, sequence_parallel=False, micro_batch=MICRO).layer
+    full = CFG.seq * MICRO * CFG.hidden * 2  # (S, B, H) in bf16
+    # g after the attention projection and after FC2; f's all-reduce of the input gradient of QKV and FC1
+    assert comms(layer.forward) == [("all_reduce", "tp", full)] * 2
+    assert comms(layer.backward) == [("all_reduce", "tp", full)] * 2
+    assert [n.stream for n in layer.forward if n.is_comm] == ["rs", "rs"]
+
+
+def test_layer_collectives_follow_megatron_with_sequence_parallelism():
+    layer = trace_gpt_parts(CFG, tp=4, sequence_parallel=True, micro_batch=MICRO).layer
+    full = CFG.seq * MICRO * CFG.hidden * 2  # gathered output / unreduced input: the full (S, B, H)
+    ag, rs = ("all_gather", "tp", full), ("reduce_scatter", "tp", full)
+    assert comms(layer.forward) == [ag, rs, ag, rs]  # before QKV, after projection, before FC1, after FC2
+    # backward, MLP first: FC2's all-gather of the gradient, FC1's re-gather of its input and
+    # reduce-scatter of its input gradient; then the same for the projection and QKV
+    assert comms(layer.backward) == [ag, ag, rs, ag, ag, rs]
+
+
+@pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (4, True)])
+def test_layer_gemm_flops_and_parameters_are_split_over_tp(tp, sp):
+    layer = trace_gpt_parts(CFG, tp=tp, sequence_parallel=sp, micro_batch=MICRO).layer
+    tokens, h = CFG.seq * MICRO, CFG.hidden
+    gemm = sum(n.flops for n in layer.forward if n.name in GEMMS)
+    assert gemm == 2 * tokens * 12 * h * h / tp  # QKV 3h^2, projection h^2, MLP 8h^2
+    assert sum(n.flops for n in layer.backward if n.name in GEMMS) == 2 * gemm
+    assert layer.params == 12 * h * h // tp + (3 * h + 4 * h) // tp + 2 * h + 4 * h  # + sharded and full biases, LNs
+    if tp == 1:
+        assert comms(layer.forward + layer.backward) == []  # one rank: nothing issued
+
+
+@pytest.fixture(scope="module")
+def models():
+    cluster = load_cluster("dgx_h100")
+    return KernelModel(load_gpu(cluster.gpu)), CommModel(cluster)
+
+
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_one_trace_per_stage_and_classes_replay_like_every_rank(models, data_parallel):
+    job = GPTJob(model="gpt-tiny", tp=2, pp=2, dp=2, data_parallel=data_parallel, global_batch=16, micro_batch=MICRO)
+    traces = gpt_traces(job)
+    assert [t.ranks for t in traces] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert traces[0].groups == {"tp": [[0, 1], [2, 3], [4, 5], [6, 7]], "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+                                "pp": [[0, 4], [1, 5], [2, 6], [3, 7]]}
+    compute, comm = models
+    every = simulate(traces, compute_us=compute, collective_us=comm)
+    classes = simulate(traces, compute_us=compute, collective_us=comm, as_classes=True)
+    assert classes.ranks == [0, 4]
+    assert classes.step_us == pytest.approx(every.step_us, rel=1e-12)
+    assert len(classes.spans) * 4 == len(every.spans)
+
+
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_data_parallel_traffic_covers_each_stage_parameters_once(data_parallel):
+    job = GPTJob(model="gpt-tiny", tp=2, pp=2, dp=4, data_parallel=data_parallel, global_batch=16, micro_batch=MICRO,
+                 bucket_mb=0.05)
+    for stage, trace in enumerate(gpt_traces(job)):
+        params = sum(part.params for _, part in job.stage_parts(stage))
+        dp = [(n.name, n.bytes) for n in trace.nodes if n.is_comm and n.group == "dp"]
+        if data_parallel == "ddp":
+            assert {name for name, _ in dp} == {"all_reduce"} and len(dp) > 1  # several buckets
+            assert sum(b for _, b in dp) == params * 4  # fp32 gradients
+        else:
+            assert sum(b for n, b in dp if n == "all_gather") == params * 2  # bf16 weights, once per step
+            assert sum(b for n, b in dp if n == "reduce_scatter") == params * 4
+        m = job.microbatches
+        assert sum(n.kind == "COMM_SEND" for n in trace.nodes) == m  # one send per microbatch and direction
+
+
+def test_configurations_that_do_not_divide_the_model_are_rejected():
+    job = GPTJob(model="gpt-tiny", tp=3, pp=3, dp=5, global_batch=16)
+    problems = " ".join(job.problems())
+    for reason in ("tp=3 does not divide the heads (4)", "pp=3 does not divide the 4 layers",
+                   "does not divide the global batch (16)"):
+        assert reason in problems
+    with pytest.raises(ValueError, match="tp=3 does not divide"):
+        gpt_traces(job)
