@@ -7,6 +7,9 @@
     echosim simulate --step mypkg.train:make_step --mesh dp=2,tp=4 --cluster dgx_h200 --out runs/x
     echosim calibrate --kernels --gpu h100            # on an H100; --nccl --cluster dgx_h200 --gpus 2 4
     echosim validate --preset 1.3B --gpus 1 2 4 --cluster dgx_h200
+    echosim simulate --gpt --model gpt-175b --tp 8 --pp 16 --dp 8 --cluster dgx_h100 --out runs/echosim/gpt175b
+    echosim sweep --model gpt-175b --gpus 1024 --cluster dgx_h100 --global-batch 1536
+    echosim calibrate --overlap --gpu h100            # on a node with >= 2 GPUs
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from dataclasses import asdict, fields
 from math import prod
 from pathlib import Path
 
+from echosim.gpt3d import GPTJob, gpt_traces
 from echosim.graph import load_trace
 from echosim.hw import HW_DIR, load_cluster, load_gpu
+from echosim.overlap import load_overlap
 from echosim.report import format_summary, write_outputs
 from echosim.simulate import predict
 from echosim.trace import trace_roles
@@ -44,6 +49,8 @@ def _traces(args: argparse.Namespace) -> list:
     """Traces from --traces DIR, from a user --step factory, or of the DiT workload."""
     if args.traces:
         return [load_trace(p) for p in sorted(Path(args.traces).glob("trace_rank*.json"))]
+    if args.gpt:
+        return gpt_traces(_gpt_job(args))
     if args.step:
         module, func = args.step.split(":")
         mesh = _parse_mesh(args.mesh)
@@ -56,6 +63,25 @@ def _traces(args: argparse.Namespace) -> list:
                        roles=workload.roles(args.fsdp), meta={"workload": "dit", **asdict(workload), "fsdp": args.fsdp})
 
 
+def _gpt_job(args: argparse.Namespace) -> GPTJob:
+    return GPTJob(**{f.name: getattr(args, f"gpt_{f.name}") for f in fields(GPTJob)})
+
+
+def add_gpt_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --tp, --pp, ... of a GPTJob (stored as gpt_<field>; booleans take 0 or 1)."""
+    for f in fields(GPTJob):
+        kind = (lambda text: bool(int(text))) if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"gpt_{f.name}", type=kind, default=f.default,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from echosim.sweep import format_sweep, sweep
+
+    rows = sweep(_gpt_job(args), args.gpus, load_cluster(args.cluster), max_tp=args.max_tp)
+    print(format_sweep(rows))
+
+
 def cmd_trace(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +91,8 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     traces = _traces(args)
-    timeline = predict(traces, load_cluster(args.cluster))
+    timeline = predict(traces, load_cluster(args.cluster), as_classes=not args.every_rank,
+                       overlap=load_overlap(args.overlap))
     meta = {**traces[0].meta, "cluster": args.cluster}
     shown = timeline.ranks[:args.trace_ranks]
     print(format_summary(write_outputs(timeline, args.out, meta=meta, trace_ranks=shown)))
@@ -90,6 +117,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         cluster = load_cluster(args.cluster)
         fitted = fit_cluster(cluster, run_sweeps(args.gpus, sorted(cluster.protocols)))
         _write(HW_DIR / f"{args.cluster}.json", asdict(fitted))
+    if args.overlap:
+        from echosim.hw.calibrate_overlap import fit_overlap, run_sweep
+
+        model = fit_overlap(run_sweep(max(args.gpus)))
+        model.notes = f"Measured by echosim calibrate --overlap on {max(args.gpus)} GPUs."
+        model.save(HW_DIR / f"overlap_{args.gpu}.json")
+        print(f"wrote {HW_DIR / f'overlap_{args.gpu}.json'}: held-out median |error| "
+              f"{model.validation['median_abs_error_pct']:.1f} %")
 
 
 def _write(path: Path, data: dict) -> None:
@@ -122,9 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--traces", default="", help="replay trace_rank*.json files of this directory")
     simulate.add_argument("--cluster", default="dgx_h100", help="shipped cluster name or cluster JSON file")
     simulate.add_argument("--trace-ranks", type=int, default=16, help="ranks shown in timeline.json")
-    sub.choices["trace"].set_defaults(traces="")
+    simulate.add_argument("--gpt", action="store_true", help="simulate the GPT job of --model/--tp/--pp/--dp/...")
+    simulate.add_argument("--every-rank", action="store_true",
+                          help="replay every rank instead of one per class of identical ranks")
+    simulate.add_argument("--overlap", default="1.0",
+                          help="compute slowdown while collectives run: a constant factor (1.0: none) or a model "
+                               "JSON from `echosim calibrate --overlap`")
+    gpt = simulate.add_argument_group("GPT job (with --gpt)")
+    add_gpt_args(gpt)
+    sub.choices["trace"].set_defaults(traces="", gpt=False)
 
-    cal = sub.add_parser("calibrate", help="measure kernels and NCCL on this machine's GPUs")
+    sw = sub.add_parser("sweep", help="rank parallel configurations of a GPT on a cluster; flag OOM")
+    sw.set_defaults(func=cmd_sweep)
+    add_gpt_args(sw)
+    sw.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    sw.add_argument("--cluster", default="dgx_h100", help="shipped cluster name or cluster JSON file")
+    sw.add_argument("--max-tp", type=int, default=0, help="largest tensor-parallel degree (0: GPUs per node)")
+
+    cal = sub.add_parser("calibrate", help="measure kernels, NCCL and overlap slowdown on this machine's GPUs")
     cal.set_defaults(func=cmd_calibrate)
     add_dataclass_args(cal, DiTWorkload)
     cal.set_defaults(preset="")
@@ -132,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--gpu", default="h100", help="GPU profile to update")
     cal.add_argument("--nccl", action="store_true", help="sweep NCCL collectives, write hw/<cluster>.json")
     cal.add_argument("--cluster", default="dgx_h200", help="cluster file to update")
+    cal.add_argument("--overlap", action="store_true",
+                     help="measure compute slowdown beside collectives (2+ GPUs), write hw/overlap_<gpu>.json")
     cal.add_argument("--gpus", type=int, nargs="+", default=[2, 4], help="GPU counts to sweep")
 
     val = sub.add_parser("validate", help="run real steps on local GPUs and compare with the prediction")

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from echosim.comm import CommModel
-from echosim.engine import Timeline, simulate
+from echosim.engine import OverlapModel, Timeline, simulate
 from echosim.graph import Trace
 from echosim.hw import Cluster, load_gpu
 from echosim.kernels import KernelModel
 
 
-def predict(traces: list[Trace], cluster: Cluster) -> Timeline:
-    """Replay the traces on the cluster: kernel times from its GPU profile, collectives from its links."""
-    return simulate(traces, compute_us=KernelModel(load_gpu(cluster.gpu)), collective_us=CommModel(cluster))
+def predict(traces: list[Trace], cluster: Cluster, *, as_classes: bool = False,
+            overlap: OverlapModel | None = None) -> Timeline:
+    """Replay the traces on the cluster: kernel times from its GPU profile, collectives from its links;
+    `as_classes` replays one rank per trace, `overlap` slows compute beside communication."""
+    return simulate(traces, compute_us=KernelModel(load_gpu(cluster.gpu)), collective_us=CommModel(cluster),
+                    as_classes=as_classes, overlap=overlap)

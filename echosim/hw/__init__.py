@@ -24,6 +24,7 @@ class GpuProfile:
     hbm_GBps: float  # memory bandwidth
     efficiency: dict[str, float]  # op class (gemm, attention, memory) -> fraction of the roofline
     launch_us: float  # fixed cost added to every modelled kernel
+    memory_GB: float = 0.0  # device memory (GB = 1e9 bytes); 0: unknown, nothing is flagged out of memory
     kernels: dict[str, float] = field(default_factory=dict)  # kernel-time database: key -> microseconds
     notes: str = ""
 

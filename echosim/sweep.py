@@ -1,0 +1,78 @@
+"""What-if sweep: rank the parallel configurations of a GPT on a cluster by predicted step time.
+
+    echosim sweep --model gpt-175b --gpus 1024 --cluster dgx_h100 --global-batch 1536
+
+Every (tp, pp, dp) with tp x pp x dp = GPUs and tp within a node is a candidate, under DDP and
+FSDP. A candidate that does not divide the model (heads, layers, batch, ...) is rejected with
+the reason; one whose busiest stage needs more memory than the GPU has is flagged out of
+memory and not simulated; the rest are traced, replayed (one rank per stage class) and
+ranked.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from echosim.comm import CommModel
+from echosim.engine import simulate
+from echosim.gpt3d import DATA_PARALLEL, GPTJob, gpt_traces
+from echosim.hw import Cluster, load_gpu
+from echosim.kernels import KernelModel
+from echosim.memory import stage_memory
+
+
+@dataclass(kw_only=True)
+class SweepRow:
+    job: GPTJob
+    verdict: str  # "ok", "out of memory" or "rejected"
+    reason: str = ""
+    memory_GB: float = 0.0  # busiest stage, one rank
+    step_ms: float = 0.0
+    simulate_s: float = 0.0  # tracing and replay time of this candidate
+
+
+def candidates(base: GPTJob, gpus: int, max_tp: int) -> list[GPTJob]:
+    """Every (tp, pp, dp) factorisation of `gpus` with tp <= max_tp, under each data parallelism."""
+    out = []
+    for tp in (t for t in range(1, max_tp + 1) if gpus % t == 0):
+        for pp in (p for p in range(1, gpus // tp + 1) if gpus // tp % p == 0):
+            for data_parallel in DATA_PARALLEL:
+                out.append(replace(base, tp=tp, pp=pp, dp=gpus // (tp * pp), data_parallel=data_parallel))
+    return out
+
+
+def sweep(base: GPTJob, gpus: int, cluster: Cluster, *, max_tp: int | None = None,
+          memory_GB: float | None = None) -> list[SweepRow]:
+    """All candidates, best first: ranked feasible ones, then out-of-memory, then rejected."""
+    gpu = load_gpu(cluster.gpu)
+    capacity = gpu.memory_GB if memory_GB is None else memory_GB
+    compute, comm = KernelModel(gpu), CommModel(cluster)
+    rows = []
+    for job in candidates(base, gpus, max_tp or cluster.gpus_per_node):
+        problems = job.problems()
+        if problems:
+            rows.append(SweepRow(job=job, verdict="rejected", reason="; ".join(problems)))
+            continue
+        start = time.perf_counter()
+        need = max(m.total_GB for m in stage_memory(job))
+        if capacity and need > capacity:
+            rows.append(SweepRow(job=job, verdict="out of memory", memory_GB=need,
+                                 reason=f"needs {need:.1f} GB of {capacity:.0f} GB"))
+            continue
+        timeline = simulate(gpt_traces(job), compute_us=compute, collective_us=comm, as_classes=True)
+        rows.append(SweepRow(job=job, verdict="ok", memory_GB=need, step_ms=timeline.step_us / 1e3,
+                             simulate_s=time.perf_counter() - start))
+    order = {"ok": 0, "out of memory": 1, "rejected": 2}
+    return sorted(rows, key=lambda r: (order[r.verdict], r.step_ms, r.memory_GB))
+
+
+def format_sweep(rows: list[SweepRow]) -> str:
+    lines = [f"{'tp':>3} {'pp':>3} {'dp':>4} {'dp kind':>7} {'step ms':>10} {'memory GB':>10} {'sim s':>6}  verdict"]
+    for r in rows:
+        j = r.job
+        step = f"{r.step_ms:10.3f}" if r.verdict == "ok" else f"{'-':>10}"
+        memory = f"{r.memory_GB:10.2f}" if r.memory_GB else f"{'-':>10}"
+        sim = f"{r.simulate_s:6.1f}" if r.verdict == "ok" else f"{'-':>6}"
+        lines.append(f"{j.tp:>3} {j.pp:>3} {j.dp:>4} {j.data_parallel:>7} {step} {memory} {sim}  {r.verdict}"
+                     + (f": {r.reason}" if r.reason else ""))
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""echosim sweep (divisibility, memory, ranking), the overlap models and their fit, the GPT CLI."""
+import json
+
+import pytest
+
+from echosim.cli import main
+from echosim.engine import CollectiveCall
+from echosim.gpt3d import GPTJob
+from echosim.graph import Node
+from echosim.hw import load_cluster
+from echosim.hw.calibrate_overlap import fit_overlap
+from echosim.memory import stage_memory
+from echosim.overlap import ConstantSlowdown, FittedSlowdown, load_overlap
+from echosim.sweep import sweep
+
+TINY = GPTJob(model="gpt-tiny", global_batch=16, micro_batch=2)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return sweep(TINY, 8, load_cluster("dgx_h100"))
+
+
+def test_sweep_rejects_configurations_that_do_not_divide_the_model(rows):
+    rejected = {(r.job.tp, r.job.pp, r.job.dp): r.reason for r in rows if r.verdict == "rejected"}
+    assert set(rejected) == {(8, 1, 1), (1, 8, 1)}  # 4 heads, 4 layers
+    assert rejected[8, 1, 1] == "tp=8 does not divide the heads (4)"
+    assert rejected[1, 8, 1] == "pp=8 does not divide the 4 layers"
+
+
+def test_sweep_ranks_feasible_configurations_by_step_time(rows):
+    ok = [r for r in rows if r.verdict == "ok"]
+    assert len(ok) == len(rows) - 4 and all(r.job.world_size == 8 for r in rows)
+    assert [r.step_ms for r in ok] == sorted(r.step_ms for r in ok) and ok[0].step_ms > 0
+    assert rows[-1].verdict == "rejected"
+
+
+def test_sweep_flags_configurations_that_run_out_of_memory():
+    need = {(j.tp, j.pp, j.dp): max(m.total_GB for m in stage_memory(j))
+            for j in (GPTJob(**{**TINY.__dict__, "tp": tp, "pp": pp, "dp": 8 // (tp * pp)})
+                      for tp, pp in ((1, 1), (2, 2), (4, 2)))}
+    cap = (need[1, 1, 8] + need[4, 2, 1]) / 2  # tp=1 (everything replicated) does not fit, tp=4 x pp=2 does
+    result = {(r.job.tp, r.job.pp, r.job.dp, r.job.data_parallel): r
+              for r in sweep(TINY, 8, load_cluster("dgx_h100"), memory_GB=cap)}
+    assert result[1, 1, 8, "ddp"].verdict == "out of memory" and result[1, 1, 8, "ddp"].step_ms == 0
+    assert result[4, 2, 1, "ddp"].verdict == "ok"
+
+
+def test_memory_counts_18_bytes_per_parameter_under_ddp_and_shards_under_fsdp():
+    jobs = [GPTJob(**{**TINY.__dict__, "tp": 2, "pp": 2, "dp": 2, "data_parallel": k}) for k in ("ddp", "fsdp")]
+    ddp, fsdp = (stage_memory(j) for j in jobs)
+    for a, b in zip(ddp, fsdp):
+        params = a.weights_GB / 2
+        assert (a.grads_GB, a.optimizer_GB) == pytest.approx((4 * params, 12 * params))
+        assert (b.grads_GB, b.optimizer_GB) == pytest.approx((2 * params, 6 * params))
+        assert a.activations_GB == b.activations_GB > 0
+    for stage, live in ((0, 2), (1, 1)):  # 1F1B on 2 stages: stage 0 holds 2 microbatches, stage 1 one
+        saved = sum(part.saved_bytes for _, part in jobs[0].stage_parts(stage))
+        assert ddp[stage].activations_GB == pytest.approx(live * saved / 1e9)
+
+
+def test_fitted_overlap_model_uses_its_op_class_and_collective():
+    samples = [{"op_class": cls, "collective": coll, "kernel": f"k{i}", "isolated_us": 10.0 * (i + 1),
+                "overlapped_us": 10.0 * (i + 1) * factor * (1.02 if i % 2 else 1.0), "held_out": i % 2 == 1}
+               for cls, coll, factor in (("gemm", "all_reduce", 1.25), ("memory", "all_gather", 1.5))
+               for i in range(4)]
+    model = fit_overlap(samples)
+    assert model.factors == {"gemm": {"all_reduce": 1.25}, "memory": {"all_gather": 1.5}}
+    assert model.validation["median_abs_error_pct"] == pytest.approx(100 * (1 - 1 / 1.02))
+    mm = Node(id=0, kind="COMP", name="aten.mm", stream="compute", flops=1.0)
+    add = Node(id=0, kind="COMP", name="aten.add", stream="compute", bytes=1.0)
+    ar, ag = (CollectiveCall(name=n, members=[0, 1], bytes=1.0) for n in ("all_reduce", "all_gather"))
+    assert (model(mm, [ar]), model(mm, [ag]), model(add, [ar, ag])) == (1.25, 1.0, 1.5)
+
+
+def test_overlap_spec_is_a_constant_or_a_file(tmp_path):
+    assert load_overlap("1.0") is None and load_overlap("1.3") == ConstantSlowdown(factor=1.3)
+    FittedSlowdown(factors={"gemm": {"all_reduce": 1.2}}).save(tmp_path / "o.json")
+    assert load_overlap(str(tmp_path / "o.json")).factors == {"gemm": {"all_reduce": 1.2}}
+
+
+def test_cli_simulates_a_gpt_job_and_sweeps(tmp_path, capsys):
+    args = ["--model", "gpt-tiny", "--tp", "2", "--pp", "2", "--dp", "2", "--global-batch", "16",
+            "--micro-batch", "2", "--cluster", "dgx_h100"]
+    main(["simulate", "--gpt", *args, "--out", str(tmp_path / "a")])
+    main(["simulate", "--gpt", *args, "--every-rank", "--out", str(tmp_path / "b")])
+    main(["simulate", "--gpt", *args, "--overlap", "1.5", "--out", str(tmp_path / "c")])
+    a, b, c = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "abc")
+    assert a["step_us"] == pytest.approx(b["step_us"]) and c["step_us"] > a["step_us"]
+    main(["sweep", "--model", "gpt-tiny", "--gpus", "4", "--global-batch", "16", "--micro-batch", "2"])
+    out = capsys.readouterr().out
+    assert "rejected: pp=4 does not divide" not in out and "tp  pp   dp" in out
