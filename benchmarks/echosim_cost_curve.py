@@ -54,7 +54,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--one", str(gpus), "--cluster", args.cluster],
                              check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{r['gpus']:>5} {f'8 x {r['pp']} x {r['dp']}':>13} {r['trace_s']:>8.1f} {r['replay_s']:>9.1f} "
+        shape = f"8 x {r['pp']} x {r['dp']}"
+        print(f"{r['gpus']:>5} {shape:>13} {r['trace_s']:>8.1f} {r['replay_s']:>9.1f} "
               f"{r['trace_s'] + r['replay_s']:>8.1f} {r['nodes']:>9} {r['peak_GB']:>8.2f} {r['step_s']:>7.2f}",
               flush=True)
 

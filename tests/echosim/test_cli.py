@@ -21,6 +21,10 @@ def test_simulate_from_trace_files_writes_summary_and_perfetto_trace(tmp_path, c
     assert summary["step_us"] == pytest.approx(100 + all_reduce)
     assert summary["critical_rank"]["exposed_comm_us"] == pytest.approx(all_reduce)
     events = json.loads((tmp_path / "out" / "timeline.json").read_text())["traceEvents"]
+    assert sum(e["ph"] == "X" for e in events) == 2  # the 8 identical ranks are one class: rank 0 replayed
+    main(["simulate", "--traces", str(tmp_path), "--cluster", "dgx_h100", "--every-rank", "--out", str(tmp_path / "all")])
+    assert json.loads((tmp_path / "all" / "summary.json").read_text())["step_us"] == summary["step_us"]
+    events = json.loads((tmp_path / "all" / "timeline.json").read_text())["traceEvents"]
     assert sum(e["ph"] == "X" for e in events) == 16  # 8 ranks x (mm + all-reduce)
     assert "step time" in capsys.readouterr().out
 
