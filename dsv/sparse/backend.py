@@ -255,8 +255,8 @@ class DSVAttention:
             self._token_features.pop(layer).backward(owners_grad)
             self._losses[layer] = to_all_heads(loss.detach(), sel.heads, self.heads)
             if profile:
-                measured = (self._profile(q, k, mine - start, index, rows.numel()) if mine.numel() else
-                            {name: q.new_zeros(len(sel.heads), dtype=torch.float32) for name in SparsityProfiler.FIELDS})
+                nothing = {name: loss.new_zeros(len(sel.heads)) for name in SparsityProfiler.FIELDS}
+                measured = self._profile(q, k, mine - start, index, rows.numel()) if mine.numel() else nothing
                 self._profiles[layer] = {name: to_all_heads(v, sel.heads, self.heads) for name, v in measured.items()}
 
     def _rebalance_heads(self) -> None:

@@ -11,9 +11,10 @@ import torch
 
 from dsv.models.dit import VideoDiT
 from dsv.parallel.head_parallel import assign_heads
-from dsv.parallel.mesh import build_parallel_mesh
+from dsv.parallel.mesh import apply_context_parallel, build_parallel_mesh
 from dsv.sparse.backend import DSVAttention
 from dsv.sparse.schedule import kept_counts
+from tests.parallel.cp_harness import run_distributed
 from tests.sparse.helpers import micro_model_config, sparse_config
 from tests.train.test_fsdp import MICRO
 
@@ -98,3 +99,22 @@ def test_one_rank_grid_equals_the_plain_backend_and_head_costs_follow_the_budget
     assert torch.equal(given[-1], want) and not torch.equal(want, torch.ones_like(want))
     for layer in range(2):
         assert cp_attention.assignment(layer) == assign_heads(want[layer].tolist(), 1)
+
+
+def _sequence_parallel_run(rank, world_size, cfg):
+    mesh = build_parallel_mesh("cpu", world_size, cp_seq=world_size)
+    dsv = DSVAttention(cfg, micro_model_config(), torch.device("cpu"), world_size=world_size,
+                       context_parallel=world_size)
+    cp_attention = dsv.context_parallel_attention(mesh)
+    return _train(apply_context_parallel(_micro_model(cp_attention), mesh, cp_attention), dsv, 3)
+
+
+@pytest.mark.slow
+def test_a_sequence_rank_without_sampled_rows_adds_a_zero_share():
+    """One sampled row per step, always among rank 0's queries: rank 1 trains on nothing, yet
+    joins the gradient exchange and the reduction."""
+    cfg = sparse_config(max_dense_steps=1, max_rows=1, budget_margin=0.6, min_density=0.1, max_density=0.9)
+    plain = DSVAttention(cfg, micro_model_config(), torch.device("cpu"))
+    want = _train(_micro_model(plain), plain, 3)
+    for got, one in zip(run_distributed(_sequence_parallel_run, 2, cfg), want, strict=True):
+        assert got == pytest.approx(one, rel=1e-5)  # fp32, sums in another order (see above)
