@@ -1,10 +1,6 @@
 """DSV under context parallelism: 2-process gloo runs over the heads and over the sequence match
 the 1-process DSV run step by step (DiT loss, predictor loss, recall, budgets, density), and the
 head costs the context-parallel backend balances follow the budgets."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ from dsv.sparse.backend import DSVAttention
 from dsv.sparse.schedule import kept_counts
 from tests.parallel.cp_harness import run_distributed
 from tests.sparse.helpers import micro_model_config, sparse_config
-from tests.train.test_fsdp import MICRO
+from tests.train.helpers import run_train
 
 # 4 x 32 x 16 videos: 128 tokens, 16 blocks of 8, so each of 2 sequence ranks holds 8 whole blocks;
 # budgets 0.6 x profiled block fraction in [0.1, 0.9] differ per head, so the heads get re-balanced
@@ -27,25 +23,15 @@ DSV = ["--sparse", "dsv", "--sparse.block-size", "8", "--sparse.row-stride", "4"
        "--no-sparse.timing"]
 
 
-def _run(tmp_path, name, nproc, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "dsv.cli", "train", *MICRO, *VIDEO, *DSV, *extra,
-                                                          "--out-dir", str(tmp_path), "--run-name", name]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("single"), "single", 1)
+    return run_train(tmp_path_factory.mktemp("single"), "single", 1, *VIDEO, *DSV)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [("--cp-heads", "2"), ("--cp-seq", "2")])
 def test_two_process_context_parallel_dsv_matches_one_process(tmp_path, single, flags):
-    cp = _run(tmp_path, "cp", 2, *flags)
+    cp = run_train(tmp_path, "cp", 2, *VIDEO, *DSV, *flags)
     assert [r["sparse/stage"] for r in single] == [r["sparse/stage"] for r in cp] == [2, 2, 2, 2]
     assert all(r["sparse/density"] < 1 for r in single[1:])  # sparse attention from step 2
     for a, b in zip(single, cp, strict=True):

@@ -1,33 +1,18 @@
 """A 2-process gloo FSDP2 run with DSV matches the 1-process run: the predictors' gradients,
 losses and profiles are averaged over the data-parallel group, so stage, predictor loss,
 recall and the DiT's loss agree step by step."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.train.test_fsdp import MICRO
+from tests.train.helpers import run_train
 
 DSV = ["--sparse", "dsv", "--sparse.block-size", "8", "--sparse.row-stride", "4", "--sparse.profile-every", "1",
        "--sparse.min-dense-steps", "0", "--sparse.max-dense-steps", "2", "--sparse.dispatch", "sparse",
        "--sparse.min-density", "0.25", "--no-sparse.timing"]
 
 
-def _run(tmp_path, name, nproc):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "dsv.cli", "train", *MICRO, *DSV,
-                                                          "--out-dir", str(tmp_path), "--run-name", name]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_two_process_dsv_matches_one_process(tmp_path):
-    single, sharded = _run(tmp_path, "single", 1), _run(tmp_path, "fsdp", 2)
+    single, sharded = run_train(tmp_path, "single", 1, *DSV), run_train(tmp_path, "fsdp", 2, *DSV)
     assert [r["sparse/stage"] for r in single] == [r["sparse/stage"] for r in sharded] == [1, 2, 2, 2]
     for a, b in zip(single, sharded):
         # fp32; differences come from the order of reductions (sums of 2 halves)

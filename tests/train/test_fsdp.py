@@ -1,34 +1,15 @@
 """2-process gloo runs (FSDP2 data parallel; context parallel over heads or over the sequence)
 match the 1-process run, loss by loss (and, for FSDP, parameter by parameter)."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-MICRO = ["--model.in-channels", "1", "--model.patch", "1", "4", "4", "--model.hidden", "32", "--model.depth", "2",
-         "--model.heads", "2", "--model.cube", "2", "2", "2", "--data.frames", "4", "--data.height", "16",
-         "--data.width", "16", "--data.channels", "1", "--steps", "4", "--batch-size", "4", "--log-every", "1",
-         "--val-every", "2", "--ckpt-every", "4", "--num-samples", "2", "--sample-steps", "2", "--device", "cpu",
-         "--no-tensorboard", "--no-progress", "--optim.warmup-steps", "1", "--optim.lr", "1e-3", "--class-dropout", "0.5"]
-
-
-def _run(tmp_path, name, nproc, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "dsv.cli", "train", *MICRO, *extra,
-                                                          "--out-dir", str(tmp_path), "--run-name", name]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+from tests.train.helpers import run_train
 
 
 @pytest.mark.slow
 def test_two_process_fsdp_matches_one_process(tmp_path):
-    single, sharded = _run(tmp_path, "single", 1), _run(tmp_path, "fsdp", 2)
+    single, sharded = run_train(tmp_path, "single", 1), run_train(tmp_path, "fsdp", 2)
     assert [r["step"] for r in single] == [r["step"] for r in sharded] == [1, 2, 3, 4]
     for a, b in zip(single, sharded):
         # fp32; the only difference is the order of the gradient reduction (sum of 2 halves)
@@ -52,7 +33,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
 def test_two_process_context_parallel_matches_one_process(tmp_path, flags):
     """Both ranks of the cp group train the same 4 videos; the loss must equal one process's."""
     extra = flags[2:]
-    single, cp = _run(tmp_path, "single", 1, *extra), _run(tmp_path, "cp", 2, *flags)
+    single, cp = run_train(tmp_path, "single", 1, *extra), run_train(tmp_path, "cp", 2, *flags)
     for a, b in zip(single, cp, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
