@@ -250,15 +250,15 @@ class Trainer:
             labels = None
         return noise[local], t[local], labels
 
-    def loss_on(self, videos: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                labels_or_none: torch.Tensor | None) -> torch.Tensor:
+    def loss_on(self, videos: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return flow_matching_loss(self.model, videos, noise, t, labels_or_none)
+            return flow_matching_loss(self.model, videos, noise, t, labels)
 
     def train_step(self, videos: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         videos, labels = videos.to(self.device, non_blocking=True), labels.to(self.device)
         noise, t, cond = self._noise_and_times(tuple(videos.shape[1:]), labels)
-        loss = self.loss_on(videos, labels, noise, t, cond)
+        loss = self.loss_on(videos, noise, t, cond)
         loss.backward()
         clip = self.cfg.optim.grad_clip
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
@@ -285,14 +285,14 @@ class Trainer:
     def validation_loss(self) -> float:
         """Mean loss on fixed held-out clips with fixed noise and timesteps (comparable across runs)."""
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 7919)
+        local = slice(self.mesh.dp_rank * self.local_batch, (self.mesh.dp_rank + 1) * self.local_batch)
         losses = []
         for videos, labels in validation_batches(self.cfg.data, self.cfg.batch_size, self.cfg.val_batches):
-            r, b = self.mesh.dp_rank, self.local_batch
-            noise = torch.randn(videos.shape, generator=gen, device=self.device)[r * b:(r + 1) * b]
-            t = logit_normal_timesteps(videos.shape[0], generator=gen, device=self.device)[r * b:(r + 1) * b]
-            videos, labels = videos[r * b:(r + 1) * b].to(self.device), labels[r * b:(r + 1) * b].to(self.device)
+            noise = torch.randn(videos.shape, generator=gen, device=self.device)[local]
+            t = logit_normal_timesteps(videos.shape[0], generator=gen, device=self.device)[local]
+            videos, labels = videos[local].to(self.device), labels[local].to(self.device)
             cond = labels if self.cfg.model.num_classes else None
-            losses.append(all_reduce_mean(self.loss_on(videos, labels, noise, t, cond).detach(), self.runtime))
+            losses.append(all_reduce_mean(self.loss_on(videos, noise, t, cond).detach(), self.runtime))
         return torch.stack(losses).mean().item()
 
 
