@@ -1,7 +1,10 @@
-"""The first workload: one training step of dsv's video DiT, sharded with FSDP2.
+"""The first workload: one training step of dsv's video DiT, sharded with FSDP2 and, optionally,
+dsv's hybrid context parallelism (dsv.parallel: heads over `cp_heads` ranks x sequence over
+`cp_seq` ranks, dp = world / (cp_heads * cp_seq)).
 
 Every rank of a pure-FSDP job does the same work on a different batch, so one role covers the
-whole world. Attention is dense (SDPA) or modelled block-sparse at a given density
+whole world; under context parallelism ranks whose head rank owns the same number of heads do
+the same work. Attention is dense (SDPA) or modelled block-sparse at a given density
 (echosim.trace.flops.ModelledSparseAttention).
 """
 from __future__ import annotations
@@ -10,14 +13,39 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dsv.models.dit import DIT_PRESETS, VideoDiT
-from echosim.trace.flops import ModelledSparseAttention
+from dsv.parallel.head_parallel import assign_heads, check_heads_fit
+from dsv.parallel.hybrid import ContextParallelAttention
+from dsv.parallel.mesh import build_parallel_mesh
+from dsv.parallel.parallelize import parallelize
+from dsv.parallel.runtime import Runtime
+from dsv.parallel.seq_parallel import gather_sequence
+from echosim.trace.flops import ModelledSparseAttention, block_sparse_attention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelledSparseContextParallel(ContextParallelAttention):
+    """dsv's context-parallel attention whose local attention keeps `density` of the key blocks.
+    A modelled selection has no block lists, so the sequence group all-gathers K and V in full
+    (dsv's dense exchange): the communication is an upper bound of the sparse fetch."""
+
+    def __init__(self, mesh, *, heads: int, density: float):
+        super().__init__(mesh, heads=heads)
+        self.density = density
+
+    def _local(self, q: Tensor, k: Tensor, v: Tensor, index: None) -> Tensor:
+        if self.mesh.cp_seq > 1:
+            kv = gather_sequence(torch.stack((k, v)), self.mesh.seq_group)  # (2, B, H_r, S, D)
+            k, v = kv[0], kv[1]
+        return block_sparse_attention(q, k, v, self.density)
 
 
 @dataclass(kw_only=True)
@@ -30,25 +58,67 @@ class DiTWorkload:
     dtype: str = field(default="bfloat16", metadata={"help": f"parameter/compute dtype: {', '.join(DTYPES)}"})
     density: float = field(default=1.0, metadata={
         "help": "fraction of key blocks attention computes: 1 = dense SDPA, < 1 = modelled block-sparse"})
+    cp_heads: int = field(default=1, metadata={"help": "context parallelism: ranks that split the heads (all-to-all)"})
+    cp_seq: int = field(default=1, metadata={"help": "context parallelism: ranks that split the sequence (KV gather)"})
+
+    @property
+    def cp(self) -> int:
+        return self.cp_heads * self.cp_seq
 
     def mesh_shape(self, world_size: int) -> dict[str, int]:
-        return {"dp": world_size}
+        """{"dp": world} without context parallelism, else dsv's (dp, seq, heads) grid, heads innermost."""
+        if self.cp_heads < 1 or self.cp_seq < 1:
+            raise ValueError(f"--cp-heads {self.cp_heads} and --cp-seq {self.cp_seq} must be >= 1")
+        if world_size % self.cp:
+            raise ValueError(f"--fsdp {world_size} ranks do not split into context-parallel groups of "
+                             f"--cp-heads x --cp-seq = {self.cp_heads} x {self.cp_seq} = {self.cp}; "
+                             f"use a world size that is a multiple of {self.cp}")
+        if self.cp == 1:
+            return {"dp": world_size}
+        check_heads_fit(DIT_PRESETS[self.preset]().heads, self.cp_heads)
+        return {"dp": world_size // self.cp, "seq": self.cp_seq, "heads": self.cp_heads}
+
+    def head_counts(self) -> list[int]:
+        """Heads per head rank, as ContextParallelAttention assigns them without costs: even when
+        they divide, else greedy LPT on equal costs."""
+        heads = DIT_PRESETS[self.preset]().heads
+        return assign_heads([1.0] * heads, self.cp_heads).counts
 
     def roles(self, world_size: int) -> list[list[int]]:
-        """Ranks with identical work: every FSDP rank does the same."""
-        return [list(range(world_size))]
+        """Ranks with identical work: all of them, unless the head group splits the heads
+        unevenly; then one role per number of heads owned (head rank = rank % cp_heads)."""
+        self.mesh_shape(world_size)
+        counts = self.head_counts()
+        by_count: dict[int, list[int]] = {}
+        for rank in range(world_size):
+            by_count.setdefault(counts[rank % self.cp_heads], []).append(rank)
+        return list(by_count.values())
 
     def make_step(self, mesh: DeviceMesh) -> Callable[[], None]:
-        """Build the sharded model and optimizer on the mesh; return one training step."""
+        """Build the sharded model and optimizer on the mesh; return one training step. Under
+        context parallelism the step carries `meshes`, dsv's meshes, so its groups get names."""
         cfg = DIT_PRESETS[self.preset]()
         model = VideoDiT(cfg)
         if self.density < 1.0:
             model.set_attention(ModelledSparseAttention(self.density))
         dtype = DTYPES[self.dtype]
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        meshes = ()
+        if self.cp > 1:
+            with unset_fake_temporarily():  # a DeviceMesh holds a real tensor of ranks
+                pmesh = build_parallel_mesh(mesh.device_type, mesh.size(), cp_heads=self.cp_heads,
+                                            cp_seq=self.cp_seq)
+            runtime = Runtime(rank=dist.get_rank(), world_size=mesh.size(), local_rank=0,
+                              device=torch.device(mesh.device_type))
+            attention = (ContextParallelAttention(pmesh, heads=cfg.heads) if self.density >= 1.0 else
+                         ModelledSparseContextParallel(pmesh, heads=cfg.heads, density=self.density))
+            parallelize(model, runtime, activation_checkpointing=False, compile=False, param_dtype=dtype,
+                        mesh=pmesh, cp_attention=attention)
+            meshes = (pmesh.device_mesh, pmesh.fsdp_mesh)
+        else:
+            policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         device = mesh.device_type
         video = torch.randn(self.batch, cfg.in_channels, self.frames, self.height, self.width, device=device)
@@ -63,4 +133,5 @@ class DiTWorkload:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        step.meshes = meshes
         return step

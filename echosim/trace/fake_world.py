@@ -7,7 +7,7 @@ from contextlib import contextmanager, nullcontext
 from math import prod
 
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -31,10 +31,11 @@ def fake_world(*, rank: int, mesh_shape: dict[str, int], device: str = "cpu") ->
 def mesh_groups(mesh: DeviceMesh) -> dict[str, tuple[str, list[list[int]]]]:
     """Process-group name -> (mesh dimension name, the partition of the world it belongs to)."""
     out = {}
-    for dim, name in enumerate(mesh.mesh_dim_names):
-        size = mesh.mesh.shape[dim]
-        partition = mesh.mesh.movedim(dim, -1).reshape(-1, size).tolist()
-        out[mesh.get_group(dim).group_name] = (name, partition)
+    with unset_fake_temporarily():  # mesh.mesh is a real tensor of ranks, also under FakeTensorMode
+        for dim, name in enumerate(mesh.mesh_dim_names):
+            size = mesh.mesh.shape[dim]
+            partition = mesh.mesh.movedim(dim, -1).reshape(-1, size).tolist()
+            out[mesh.get_group(dim).group_name] = (name, partition)
     return out
 
 
@@ -44,13 +45,16 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
     """One validated Trace per role (a list of ranks doing identical work), recorded as the role's
     first rank after `warmup_steps` steps (FSDP2 and optimizers initialise lazily on the first).
     `make_step(mesh)` builds the model and returns the step; with `fake_tensors` it runs under
-    FakeTensorMode, so nothing is allocated or computed and durations come from the kernel model."""
+    FakeTensorMode, so nothing is allocated or computed and durations come from the kernel model.
+    A step may carry `meshes`, further DeviceMeshes it built, whose groups are named like the mesh's."""
     traces = []
     for ranks in roles:
         with fake_world(rank=ranks[0], mesh_shape=mesh_shape, device=device) as mesh:
             labels = mesh_groups(mesh)
             with FakeTensorMode(allow_non_fake_inputs=True) if fake_tensors else nullcontext():
                 step = make_step(mesh)
+                for extra in getattr(step, "meshes", ()):
+                    labels.update(mesh_groups(extra))
                 for _ in range(warmup_steps):
                     step()
                 with Recorder(group_labels=labels, measure=measure) as recorder:

@@ -6,7 +6,8 @@ follow storage: a node depends on the last node that wrote any storage it touche
 storage, so they need no nodes of their own). Streams mirror FSDP2's CUDA streams:
 
 - compute ops run on "compute"; FSDP2's copy-in kernels run on the stream of their collective;
-- all-gathers run on "ag", reduce-scatters and all-reduces on "rs", the rest on "comm";
+- FSDP2's all-gathers (fed by its copy-in) run on "ag", its reduce-scatters (fed by its
+  chunk-cat) and all-reduces on "rs", the rest (e.g. context parallelism's) on "comm";
 - FSDP2 bounds all-gather prefetching by memory: an all-gather waits until the output of the
   all-gather `depth` before it has been copied out (depth 2 in forward, 1 in backward).
 
@@ -123,9 +124,11 @@ class Recorder(TorchDispatchMode):
     def _collective(self, info, tensors: list[torch.Tensor]) -> None:
         label = self._group_label(info.group)
         kind = {"send": "COMM_SEND", "recv": "COMM_RECV"}.get(info.name, "COMM_COLL")
-        stream = COLLECTIVE_STREAMS.get(info.name, "comm")
         deps = self._deps(tensors)
-        if info.name == "all_gather":
+        stream = COLLECTIVE_STREAMS.get(info.name, "comm")
+        if info.name in ("all_gather", "reduce_scatter") and not any(self.nodes[d].name in OP_STREAMS for d in deps):
+            stream = "comm"  # not FSDP's
+        if stream == "ag":
             phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
             depth = PREFETCH_DEPTH[phase]
             if len(self._gathers) >= depth and self._gathers[-depth] in self._consumer:
