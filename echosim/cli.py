@@ -3,6 +3,7 @@
     echosim trace --preset tiny --fsdp 8 --out runs/echosim/tiny8
     echosim simulate --preset 1.3B --frames 16 --height 64 --width 64 --fsdp 128 --cluster dgx_h100 \
         --out runs/echosim/dit1.3b_128
+    echosim simulate --preset tiny --fsdp 8 --cp-heads 2 --cp-seq 2 --out runs/echosim/tiny8_cp4   # dp = 8 / 4
     echosim simulate --traces runs/echosim/tiny8 --cluster my_cluster.json --out runs/echosim/tiny8
     echosim simulate --step mypkg.train:make_step --mesh dp=2,tp=4 --cluster dgx_h200 --out runs/x
     echosim calibrate --kernels --gpu h100            # on an H100; --nccl --cluster dgx_h200 --gpus 2 4
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)
         add_dataclass_args(p, DiTWorkload)
-        p.add_argument("--fsdp", type=int, default=8, help="FSDP degree = world size of the DiT workload")
+        p.add_argument("--fsdp", type=int, default=8,
+                       help="world size of the DiT workload, all of it FSDP; dp = fsdp / (cp_heads * cp_seq)")
         p.add_argument("--step", default="", help="module:function taking a DeviceMesh, returning a step()")
         p.add_argument("--mesh", default="dp=8", help="mesh of --step, e.g. dp=2,tp=4")
         p.add_argument("--trace-every-rank", action="store_true", help="--step ranks differ: trace each")

@@ -8,6 +8,7 @@ import pytest
 from dsv.models.dit import DIT_PRESETS, param_count
 from echosim.cli import main
 from echosim.hw import load_cluster
+from echosim.kernels import op_class
 from echosim.simulate import predict
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
@@ -101,3 +102,13 @@ def test_cli_simulates_a_context_parallel_step(tmp_path, capsys):
     # per rank: 8 head all-to-alls per layer; FSDP's 1 + 2 x depth gathers and the output gather
     assert counts == {"all_to_all": 8 * DEPTH, "all_gather": 1 + 2 * DEPTH + 1, "reduce_scatter": DEPTH + 1 + 1}
     assert "all_to_all" in capsys.readouterr().out
+
+
+def test_modelled_sparse_attention_under_sequence_parallelism_costs_its_density():
+    [sparse] = trace(4, cp_seq=2, density=0.25)
+    s = 8 * 8 * 8
+    # local queries (S/2) over all S keys; forward 2 matmuls = 4*B*H*S_q*S_k*D, torch counts backward as 2.5x
+    assert sum(n.flops for n in sparse.nodes if op_class(n.name) == "attention") == \
+        0.25 * DEPTH * 3.5 * 4 * B * H * (s // 2) * s * D
+    assert [n.bytes for n in comms(sparse, "all_gather", "seq")] == [2 * B * H * s * D * BF16] * DEPTH + \
+        [B * s * HIDDEN * BF16]  # the modelled selection fetches K and V in full (dsv's dense exchange)
