@@ -112,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ValueError, RuntimeError) as e:
-        if type(e).__name__ in ("ValueError", "CheckpointError", "NonFiniteLossError"):
+        from dsv.checkpoint import CheckpointError
+        from dsv.train import NonFiniteLossError
+
+        # our own messages name the problem and the fix: no traceback; anything else is a bug
+        if type(e) is ValueError or isinstance(e, (CheckpointError, NonFiniteLossError)):
             print(f"dsv {argv[0]}: error: {e}", file=sys.stderr)
             return 1
         raise
