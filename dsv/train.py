@@ -200,6 +200,7 @@ class Trainer:
         # per rank: a context-parallel group of cp ranks shares its videos' work
         self.flops_per_step = train_flops(cfg.model, self.tokens_per_sample, self.local_batch) / self.mesh.cp
         self.peak = peak_flops(self.device)
+        self._validation: list | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -287,7 +288,9 @@ class Trainer:
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 7919)
         local = slice(self.mesh.dp_rank * self.local_batch, (self.mesh.dp_rank + 1) * self.local_batch)
         losses = []
-        for videos, labels in validation_batches(self.cfg.data, self.cfg.batch_size, self.cfg.val_batches):
+        if self._validation is None:  # the held-out clips never change: build (or decode) them once
+            self._validation = validation_batches(self.cfg.data, self.cfg.batch_size, self.cfg.val_batches)
+        for videos, labels in self._validation:
             noise = torch.randn(videos.shape, generator=gen, device=self.device)[local]
             t = logit_normal_timesteps(videos.shape[0], generator=gen, device=self.device)[local]
             videos, labels = videos[local].to(self.device), labels[local].to(self.device)
