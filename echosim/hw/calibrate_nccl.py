@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from echosim.comm import RING_FACTORS
-from echosim.hw import Cluster, Protocol
+from echosim.hw import Cluster
 
 SWEPT = ("all_gather", "reduce_scatter", "all_reduce")
 SIZES = [2**k for k in range(10, 31, 2)]  # 1 KiB .. 1 GiB
