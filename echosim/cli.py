@@ -113,19 +113,30 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         profile = calibrate_kernels(load_gpu(args.gpu), database)
         _write(HW_DIR / f"{args.gpu}.json", asdict(profile))
     if args.nccl:
-        from echosim.hw.calibrate_nccl import fit_cluster, run_sweeps
+        from echosim.hw.calibrate_nccl import DEFAULT, compare, fit_cluster, format_comparison, run_sweeps
 
         cluster = load_cluster(args.cluster)
-        fitted = fit_cluster(cluster, run_sweeps(args.gpus, sorted(cluster.protocols)))
+        samples = (json.loads(Path(args.from_samples).read_text()) if args.from_samples else
+                   run_sweeps(args.gpus, [*sorted(cluster.protocols), DEFAULT]))
+        _save_samples(args, samples)
+        fitted = fit_cluster(cluster, samples)
         _write(HW_DIR / f"{args.cluster}.json", asdict(fitted))
+        print(format_comparison(compare(fitted, samples[DEFAULT])))
     if args.overlap:
         from echosim.hw.calibrate_overlap import fit_overlap, run_sweep
 
-        model = fit_overlap(run_sweep(max(args.gpus)))
+        samples = json.loads(Path(args.from_samples).read_text()) if args.from_samples else run_sweep(max(args.gpus))
+        _save_samples(args, samples)
+        model = fit_overlap(samples)
         model.notes = f"Measured by echosim calibrate --overlap on {max(args.gpus)} GPUs."
         model.save(HW_DIR / f"overlap_{args.gpu}.json")
         print(f"wrote {HW_DIR / f'overlap_{args.gpu}.json'}: held-out median |error| "
               f"{model.validation['median_abs_error_pct']:.1f} %")
+
+
+def _save_samples(args: argparse.Namespace, samples) -> None:
+    if args.samples:
+        _write(Path(args.samples), samples)
 
 
 def _write(path: Path, data: dict) -> None:
@@ -136,7 +147,7 @@ def _write(path: Path, data: dict) -> None:
 def cmd_validate(args: argparse.Namespace) -> None:
     from echosim.validate import validate
 
-    validate(_dataclass_from(args, DiTWorkload), args.gpus, load_cluster(args.cluster), steps=args.steps,
+    validate([_dataclass_from(args, DiTWorkload)], args.gpus, load_cluster(args.cluster), steps=args.steps,
              measure=args.measure)
 
 
@@ -187,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--overlap", action="store_true",
                      help="measure compute slowdown beside collectives (2+ GPUs), write hw/overlap_<gpu>.json")
     cal.add_argument("--gpus", type=int, nargs="+", default=[2, 4], help="GPU counts to sweep")
+    cal.add_argument("--samples", default="", help="also write the measured samples (JSON) here")
+    cal.add_argument("--from-samples", default="",
+                     help="fit --nccl or --overlap from samples written by --samples instead of measuring")
 
     val = sub.add_parser("validate", help="run real steps on local GPUs and compare with the prediction")
     val.set_defaults(func=cmd_validate)

@@ -1,10 +1,11 @@
-"""Compare predicted and real step times on the GPUs at hand.
+"""Compare predicted and real step times of the video DiT on the GPUs at hand.
 
-    echosim validate --preset 1.3B --frames 16 --height 64 --width 64 --gpus 1 2 4 --cluster dgx_h200
+    echosim validate --preset 1.3B --frames 16 --height 64 --width 64 --gpus 1 2 4 --cluster dgx_h200 --measure
 
-For each GPU count: predict the step (trace under the fake process group, replay on the
-cluster), then run real FSDP steps under torchrun with NCCL (this module's `main`, median of
-`--steps` after warm-up) and print one table row: measured, predicted, error.
+For each GPU count: run real FSDP steps under torchrun (NCCL on GPUs, gloo on CPU; this
+module's `main`, median of `--steps` after warm-up), predict the step (trace one rank under
+the fake process group, replay on the cluster) and print one row: measured, predicted, error.
+`measure_many` runs several workloads in one torchrun job, so a sweep pays the launch once.
 """
 from __future__ import annotations
 
@@ -14,67 +15,118 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from echosim.graph import Trace
 from echosim.hw import Cluster
 from echosim.simulate import predict
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
 
+WARMUP_STEPS = 2
 
-def predicted_ms(workload: DiTWorkload, world_size: int, cluster: Cluster, *, measure: bool) -> float:
-    """Predicted step time; with `measure`, compute ops are timed on this GPU instead of modelled."""
-    traces = trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(world_size),
-                         roles=workload.roles(world_size), device="cuda" if measure else "cpu",
-                         fake_tensors=not measure, measure=measure)
+
+def workload_traces(workload: DiTWorkload, world_size: int, *, measure: bool) -> list[Trace]:
+    """One trace per role; with `measure`, on this GPU with every compute op timed."""
+    return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(world_size),
+                       roles=workload.roles(world_size), device="cuda" if measure else "cpu",
+                       fake_tensors=not measure, measure=measure,
+                       meta={"workload": "dit", **asdict(workload), "fsdp": world_size})
+
+
+def predicted_ms(traces: list[Trace], cluster: Cluster) -> float:
     return predict(traces, cluster).step_us / 1e3
 
 
-def measured_ms(workload: DiTWorkload, world_size: int, steps: int) -> float:
-    """Median real step time over `steps` steps on `world_size` local GPUs (a torchrun job)."""
+def measure_many(workloads: list[DiTWorkload], world_size: int, steps: int, *,
+                 timeout_s: float | None = None) -> list[dict]:
+    """Real steps of each workload on `world_size` local devices in one torchrun job: per
+    workload {"median_ms", "all_ms"} or {"error"} (e.g. out of memory) without losing the rest."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
-                        "-m", "echosim.validate", json.dumps(asdict(workload)), str(steps), f.name], check=True)
-        return json.loads(Path(f.name).read_text())["median_ms"]
+                        "--standalone", "-m", "echosim.validate",
+                        json.dumps([asdict(w) for w in workloads]), str(steps), f.name], check=True, timeout=timeout_s)
+        return json.loads(Path(f.name).read_text())
 
 
-def validate(workload: DiTWorkload, gpu_counts: list[int], cluster: Cluster, *, steps: int = 10,
+def label(workload: DiTWorkload) -> str:
+    """Short name of a configuration, e.g. "1.3B 16x64x64 b1 d0.2 cp2x1"."""
+    text = f"{workload.preset} {workload.frames}x{workload.height}x{workload.width} b{workload.batch}"
+    text += f" d{workload.density:g}" if workload.density < 1 else ""
+    return text + (f" cp{workload.cp_heads}x{workload.cp_seq}" if workload.cp > 1 else "")
+
+
+def validate(workloads: list[DiTWorkload], gpu_counts: list[int], cluster: Cluster, *, steps: int = 10,
              measure: bool = False) -> list[dict]:
-    """One row per GPU count; prints the table as it goes."""
-    print(f"{'GPUs':>5} {'measured ms':>12} {'predicted ms':>13} {'error %':>8}")
+    """One row per (workload, GPU count) that the count can run; prints the table as it goes."""
+    print(f"{'configuration':<34} {'GPUs':>4} {'measured ms':>12} {'predicted ms':>13} {'error %':>8}")
     rows = []
     for n in gpu_counts:
-        real, pred = measured_ms(workload, n, steps), predicted_ms(workload, n, cluster, measure=measure)
-        rows.append({"gpus": n, "measured_ms": real, "predicted_ms": pred, "error_pct": 100 * (pred - real) / real})
-        print(f"{n:>5} {real:>12.2f} {pred:>13.2f} {rows[-1]['error_pct']:>+8.1f}")
+        runnable = [w for w in workloads if n % w.cp == 0]
+        for workload, real in zip(runnable, measure_many(runnable, n, steps)):
+            row = {"config": label(workload), "gpus": n, **real}
+            if "median_ms" in real:
+                row["predicted_ms"] = predicted_ms(workload_traces(workload, n, measure=measure), cluster)
+                row["error_pct"] = 100 * (row["predicted_ms"] - real["median_ms"]) / real["median_ms"]
+                print(f"{row['config']:<34} {n:>4} {real['median_ms']:>12.2f} {row['predicted_ms']:>13.2f} "
+                      f"{row['error_pct']:>+8.1f}")
+            else:
+                print(f"{row['config']:<34} {n:>4} failed: {real['error'].splitlines()[-1]}")
+            rows.append(row)
     return rows
 
 
-def main(workload_json: str, steps: int, out_path: str) -> None:
-    """Worker under torchrun: real FSDP steps with NCCL; rank 0 writes the median step time."""
+def _time_steps(step, steps: int, cuda: bool) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for i in range(WARMUP_STEPS + steps):
+        dist.barrier()
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            began = time.perf_counter()
+            step()
+            elapsed = 1e3 * (time.perf_counter() - began)
+        if i >= WARMUP_STEPS:
+            times.append(elapsed)
+    return times
+
+
+def main(workloads_json: str, steps: int, out_path: str) -> None:
+    """Worker under torchrun: real steps of each workload; rank 0 writes one result per workload."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
-    workload = DiTWorkload(**json.loads(workload_json))
-    shape = workload.mesh_shape(dist.get_world_size())
-    mesh = init_device_mesh("cuda", tuple(shape.values()), mesh_dim_names=tuple(shape))
-    step = workload.make_step(mesh)
-    times = []
-    for i in range(steps + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dist.barrier()
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    results = []
+    for spec in json.loads(workloads_json):
+        workload = DiTWorkload(**spec)
+        try:
+            shape = workload.mesh_shape(dist.get_world_size())
+            mesh = init_device_mesh("cuda" if cuda else "cpu", tuple(shape.values()), mesh_dim_names=tuple(shape))
+            times = _time_steps(workload.make_step(mesh), steps, cuda)
+            results.append({"median_ms": statistics.median(times), "all_ms": times})
+        except Exception:  # noqa: BLE001 - one failed configuration must not lose the others
+            results.append({"error": traceback.format_exc()})
+        if cuda:
+            torch.cuda.empty_cache()
     if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps({"median_ms": statistics.median(times), "all_ms": times}))
+        Path(out_path).write_text(json.dumps(results))
     dist.destroy_process_group()
 
 

@@ -3,11 +3,13 @@
     echosim calibrate --nccl --cluster dgx_h200 --gpus 2 4      # on a node with >= 4 GPUs
 
 For each protocol (NCCL_PROTO=LL, LL128, Simple; NCCL_ALGO=Ring) and GPU count, a torchrun
-job times all-gather, reduce-scatter and all-reduce from 1 KiB to 1 GiB (this module's
-`sweep`, run by torchrun). Each protocol's times are fitted, in relative least squares, to
-the ring model of echosim.comm: T = base + steps(n) * L + share(n) * S / B, giving base_us,
-nvlink_step_us and B; nvlink_GBps is Simple's B and bw_fraction = B / nvlink_GBps.
-Network parameters (net_step_us, nic_Gbps) stay as the cluster file describes them.
+job times all-gather, reduce-scatter, all-reduce, all-to-all, broadcast and send/recv from
+1 KiB to 1 GiB (this module's `sweep`, run by torchrun). Each protocol's ring collectives are
+fitted, in relative least squares, to the ring model of echosim.comm:
+T = base + steps(n) * L + share(n) * S / B, giving base_us, nvlink_step_us and B; nvlink_GBps
+is Simple's B and bw_fraction = B / nvlink_GBps. A last sweep with NCCL's own choices is what
+`compare` judges the fitted model on, every collective included. Network parameters
+(net_step_us, nic_Gbps) stay as the cluster file describes them.
 """
 from __future__ import annotations
 
@@ -16,22 +18,28 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from echosim.comm import RING_FACTORS
+from echosim.comm import RING_FACTORS, CommModel
+from echosim.engine import CollectiveCall
 from echosim.hw import Cluster
 
-SWEPT = ("all_gather", "reduce_scatter", "all_reduce")
+FITTED = ("all_gather", "reduce_scatter", "all_reduce")  # the ring formulas the fit identifies
+SWEPT = FITTED + ("all_to_all", "broadcast", "send_recv")
 SIZES = [2**k for k in range(10, 31, 2)]  # 1 KiB .. 1 GiB
+DEFAULT = "default"  # NCCL's own choice of algorithm and protocol: the sweep the model is judged on
 
 
 def fit_ring(samples: list[dict]) -> tuple[float, float, float]:
     """(base_us, step_us, GB/s) that best explain samples {collective, n, bytes, us} in relative error."""
     rows, times = [], []
     for s in samples:
+        if s["collective"] not in FITTED:
+            continue
         steps, share = RING_FACTORS[s["collective"]]
         rows.append([1.0, steps(s["n"]), share(s["n"]) * s["bytes"]])
         times.append(s["us"])
@@ -42,60 +50,114 @@ def fit_ring(samples: list[dict]) -> tuple[float, float, float]:
 
 def fit_cluster(cluster: Cluster, samples_by_protocol: dict[str, list[dict]]) -> Cluster:
     """The cluster with NVLink bandwidth and each protocol's base/step latency and share measured."""
-    fits = {p: fit_ring(s) for p, s in samples_by_protocol.items()}
+    fits = {p: fit_ring(s) for p, s in samples_by_protocol.items() if p != DEFAULT}
     nvlink = fits["Simple"][2]
     protocols = dict(cluster.protocols)  # protocols that were not swept keep their values
     protocols |= {p: replace(cluster.protocols[p], base_us=base, nvlink_step_us=step, bw_fraction=gbps / nvlink)
                   for p, (base, step, gbps) in fits.items()}
+    counts = sorted({s["n"] for v in samples_by_protocol.values() for s in v})
     return replace(cluster, nvlink_GBps=nvlink, protocols=protocols, measured=True,
-                   notes=cluster.notes + f" NVLink parameters measured by echosim calibrate --nccl on "
-                                         f"{sorted({s['n'] for v in samples_by_protocol.values() for s in v})} GPUs.")
+                   notes=cluster.notes + f" NVLink parameters measured by echosim calibrate --nccl on {counts} GPUs.")
 
 
-def run_sweeps(gpu_counts: list[int], protocols: list[str]) -> dict[str, list[dict]]:
-    """Launch one torchrun sweep per (protocol, GPU count); return the samples per protocol."""
+def compare(cluster: Cluster, samples: list[dict]) -> list[dict]:
+    """Each measured sample with the model's prediction on `cluster` (ranks 0..n-1 of one node)."""
+    model = CommModel(cluster)
+    rows = []
+    for s in samples:
+        members = [0, 1] if s["collective"] == "send_recv" else list(range(s["n"]))
+        predicted, how = model(CollectiveCall(name=s["collective"], members=members, bytes=s["bytes"]))
+        rows.append({**s, "predicted_us": predicted, "model_choice": how,
+                     "error_pct": 100 * (predicted - s["us"]) / s["us"]})
+    return rows
+
+
+def format_comparison(rows: list[dict], min_bytes: int = 2**20) -> str:
+    """A table per row, then the mean and worst |error| above `min_bytes` per collective."""
+    lines = [f"{'collective':<15} {'GPUs':>4} {'bytes':>11} {'measured us':>12} {'predicted us':>13} {'error %':>8}"]
+    lines += [f"{r['collective']:<15} {r['n']:>4} {r['bytes']:>11} {r['us']:>12.1f} {r['predicted_us']:>13.1f} "
+              f"{r['error_pct']:>+8.1f}" for r in rows]
+    lines.append(f"\n|error| above {min_bytes // 2**20} MiB: collective, GPUs, mean %, max %")
+    for name in SWEPT:
+        for n in sorted({r["n"] for r in rows}):
+            errors = [abs(r["error_pct"]) for r in rows if r["collective"] == name and r["n"] == n
+                      and r["bytes"] > min_bytes]
+            if errors:
+                lines.append(f"  {name:<15} {n:>4} {sum(errors) / len(errors):>6.1f} {max(errors):>6.1f}")
+    return "\n".join(lines)
+
+
+def run_sweeps(gpu_counts: list[int], protocols: list[str], *, sizes: list[int] = SIZES,
+               iters: int = 20) -> dict[str, list[dict]]:
+    """One torchrun sweep per (protocol, GPU count), NCCL_PROTO forced to the protocol (ring
+    algorithm) or, for DEFAULT, left to NCCL; returns the samples per protocol."""
     out: dict[str, list[dict]] = {p: [] for p in protocols}
     for proto in protocols:
         for n in gpu_counts:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                env = {**os.environ, "NCCL_PROTO": proto, "NCCL_ALGO": "Ring"}
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
-                                "-m", "echosim.hw.calibrate_nccl", f.name], check=True, env=env)
+                forced = {} if proto == DEFAULT else {"NCCL_PROTO": proto, "NCCL_ALGO": "Ring"}
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--standalone",
+                                "-m", "echosim.hw.calibrate_nccl", f.name, json.dumps(sizes), str(iters)],
+                               check=True, env={**os.environ, **forced})
                 out[proto] += json.loads(Path(f.name).read_text())
     return out
 
 
-def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
-    """Worker (under torchrun): time each swept collective at each size; rank 0 writes the samples."""
+def sweep(out_path: str, sizes: list[int], iters: int, warmup: int = 5) -> None:
+    """Worker (under torchrun): time each swept collective at each size (NCCL on GPUs, gloo on
+    CPU); rank 0 writes the samples. Sizes are per-rank buffers (the full one for gathers)."""
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("nccl")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13 names, 2.11's
+    reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
     samples = []
-    for size in SIZES:
-        full = torch.empty(size // 2, dtype=torch.bfloat16, device="cuda")
-        shard = torch.empty(size // 2 // n, dtype=torch.bfloat16, device="cuda")
-        calls = {"all_gather": lambda: dist.all_gather_into_tensor(full, shard),
-                 "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, full),
-                 "all_reduce": lambda: dist.all_reduce(full)}
+    for size in sizes:
+        numel = size // dtype.itemsize
+        full, out = torch.zeros(numel, dtype=dtype, device=device), torch.zeros(numel, dtype=dtype, device=device)
+        shard = torch.zeros(numel // n, dtype=dtype, device=device)
+        calls = {"all_gather": lambda: all_gather(full, shard),
+                 "reduce_scatter": lambda: reduce_scatter(shard, full),
+                 "all_reduce": lambda: dist.all_reduce(full),
+                 "all_to_all": lambda: dist.all_to_all_single(out, full),
+                 "broadcast": lambda: dist.broadcast(full, src=0),
+                 "send_recv": lambda: (dist.send(full, 1) if rank == 0 else dist.recv(full, 0) if rank == 1 else None)}
         for name in SWEPT:
-            for _ in range(warmup):
-                calls[name]()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            dist.barrier()
-            start.record()
-            for _ in range(iters):
-                calls[name]()
-            end.record()
-            torch.cuda.synchronize()
-            us = start.elapsed_time(end) * 1e3 / iters
+            us = _time_us(calls[name], iters, warmup, cuda)
             samples.append({"collective": name, "n": n, "bytes": full.nbytes, "us": us})
     if rank == 0:
         Path(out_path).write_text(json.dumps(samples))
     dist.destroy_process_group()
 
 
+def _time_us(call, iters: int, warmup: int, cuda: bool) -> float:
+    """Mean time of back-to-back calls, all ranks starting together."""
+    import torch
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        call()
+    dist.barrier()
+    if not cuda:
+        began = time.perf_counter()
+        for _ in range(iters):
+            call()
+        return 1e6 * (time.perf_counter() - began) / iters
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
 if __name__ == "__main__":
-    sweep(sys.argv[1])
+    sweep(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]))

@@ -1,17 +1,20 @@
 """Measure how much compute kernels slow down beside NCCL collectives; fit and validate a model.
 
-    echosim calibrate --overlap --gpu h100 --gpus 2     # on a node with >= 2 GPUs; writes hw/overlap_h100.json
+    echosim calibrate --overlap --gpu h200 --gpus 4     # on a node with >= 2 GPUs; writes hw/overlap_h200.json
 
-Not yet run: no factor in this repository is measured. A torchrun job (this module's `sweep`)
-times each kernel of KERNELS alone and then while a collective of COLLECTIVE_BYTES runs in a
-loop on a second stream of every rank (CUDA events, median of `iters` after warm-up). The
-slowdown of a kernel is overlapped / isolated time. Kernels alternate between a fitting and a
-held-out set; the factor of an (op class, collective) pair is the median slowdown of its
-fitting kernels, and the report gives each held-out kernel's error in predicted overlapped time.
+A torchrun job (this module's `sweep`) times each kernel of KERNELS alone and then while a
+collective (all-reduce, all-gather, reduce-scatter, all-to-all; COLLECTIVE_SIZES) runs back
+to back on a second stream of every rank for the whole timed loop (CUDA events, median of
+`iters` after warm-up). The slowdown of a kernel is overlapped / isolated time. Kernels
+alternate between a fitting and a held-out set; the factor of an (op class, collective) pair
+is the median slowdown of its fitting kernels over both sizes. The report gives each held-out
+kernel's error in predicted overlapped time, beside two baselines: no slowdown, and one
+constant factor (the median over every fitting sample).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -21,8 +24,8 @@ from pathlib import Path
 
 from echosim.overlap import FittedSlowdown
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
-COLLECTIVE_BYTES = 256 * 2**20
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+COLLECTIVE_SIZES = (16 * 2**20, 256 * 2**20)
 KERNELS = [  # (op class, op name, size): GEMMs (m = k = n), element-wise adds and attention (B=1, H=16, S, D=128)
     *[("gemm", "aten.mm", n) for n in (2048, 3072, 4096, 6144, 8192, 12288)],
     *[("memory", "aten.add", n) for n in (2**22, 2**23, 2**24, 2**25, 2**26, 2**27)],
@@ -32,31 +35,37 @@ KERNELS = [  # (op class, op name, size): GEMMs (m = k = n), element-wise adds a
 
 def fit_overlap(samples: list[dict]) -> FittedSlowdown:
     """Factors from samples {op_class, collective, kernel, isolated_us, overlapped_us, held_out}."""
+    ratio = [s["overlapped_us"] / s["isolated_us"] for s in samples if not s["held_out"]]
+    constant = statistics.median(ratio)
     factors: dict[str, dict[str, float]] = {}
     groups: dict[tuple[str, str], list[dict]] = {}
     for s in samples:
         groups.setdefault((s["op_class"], s["collective"]), []).append(s)
     errors = []
     for (cls, coll), group in sorted(groups.items()):
-        fit = [s["overlapped_us"] / s["isolated_us"] for s in group if not s["held_out"]]
-        factor = statistics.median(fit)
+        factor = statistics.median(s["overlapped_us"] / s["isolated_us"] for s in group if not s["held_out"])
         factors.setdefault(cls, {})[coll] = factor
-        for s in group:
-            if s["held_out"]:
-                predicted = s["isolated_us"] * factor
-                errors.append({"op_class": cls, "collective": coll, "kernel": s["kernel"],
-                               "error_pct": 100 * (predicted - s["overlapped_us"]) / s["overlapped_us"],
-                               "no_model_error_pct": 100 * (s["isolated_us"] - s["overlapped_us"]) / s["overlapped_us"]})
-    abs_errors = [abs(e["error_pct"]) for e in errors]
-    validation = {"held_out": errors, "median_abs_error_pct": statistics.median(abs_errors) if errors else None,
-                  "within_5pct": sum(e <= 5 for e in abs_errors) / len(abs_errors) if errors else None}
+        for s in (s for s in group if s["held_out"]):
+            def error(predicted: float) -> float:
+                return 100 * (predicted - s["overlapped_us"]) / s["overlapped_us"]
+
+            errors.append({"op_class": cls, "collective": coll, "kernel": s["kernel"],
+                           "collective_bytes": s.get("collective_bytes"),
+                           "error_pct": error(s["isolated_us"] * factor),
+                           "constant_error_pct": error(s["isolated_us"] * constant),
+                           "no_model_error_pct": error(s["isolated_us"])})
+    validation = {"constant_factor": constant, "held_out": errors}
+    for key in ("error_pct", "constant_error_pct", "no_model_error_pct"):
+        values = [abs(e[key]) for e in errors]
+        validation[f"median_abs_{key}"] = statistics.median(values) if values else None
+        validation[f"mean_abs_{key}"] = sum(values) / len(values) if values else None
     return FittedSlowdown(factors=factors, validation=validation)
 
 
 def run_sweep(gpus: int) -> list[dict]:
     """Launch the torchrun sweep on `gpus` local GPUs; return its samples."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", "--standalone",
                         "-m", "echosim.hw.calibrate_overlap", f.name], check=True)
         return json.loads(Path(f.name).read_text())
 
@@ -71,12 +80,17 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
     dist.init_process_group("nccl")
     n = dist.get_world_size()
     bf16 = dict(dtype=torch.bfloat16, device="cuda")
-    full = torch.empty(COLLECTIVE_BYTES // 2, **bf16)
-    shard = torch.empty(COLLECTIVE_BYTES // 2 // n, **bf16)
-    collectives = {"all_reduce": lambda: dist.all_reduce(full, async_op=True),
-                   "all_gather": lambda: dist.all_gather_into_tensor(full, shard, async_op=True),
-                   "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, full, async_op=True)}
+    all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13 names, 2.11's
+    reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
     comm_stream = torch.cuda.Stream()
+
+    def collective(name: str, size: int):
+        full, out = torch.empty(size // 2, **bf16), torch.empty(size // 2, **bf16)
+        shard = torch.empty(size // 2 // n, **bf16)
+        return {"all_reduce": lambda: dist.all_reduce(full, async_op=True),
+                "all_gather": lambda: all_gather(full, shard, async_op=True),
+                "reduce_scatter": lambda: reduce_scatter(shard, full, async_op=True),
+                "all_to_all": lambda: dist.all_to_all_single(out, full, async_op=True)}[name]
 
     def kernel(cls: str, size: int):
         if cls == "gemm":
@@ -100,20 +114,45 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
                 times.append(start.elapsed_time(end) * 1e3)
         return statistics.median(times)
 
+    def agreed(count: int) -> int:
+        """The largest count over ranks: every rank must issue as many collectives."""
+        t = torch.tensor([count], device="cuda")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    calls = {(c, size): collective(c, size) for c in COLLECTIVES for size in COLLECTIVE_SIZES}
+    alone = {}
+    for key, call in calls.items():  # each collective's own time, to keep it running through a timed loop
+        with torch.cuda.stream(comm_stream):
+            for _ in range(3):
+                call().wait()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                call()
+            end.record()
+        torch.cuda.synchronize()
+        alone[key] = start.elapsed_time(end) * 1e3 / 10
+
     samples = []
     for index, (cls, name, size) in enumerate(KERNELS):
         fn = kernel(cls, size)
         dist.barrier()
         isolated = timed(fn)
-        for coll in COLLECTIVES:
+        for (coll, nbytes), call in calls.items():
+            # the timed loop is at most ~(warmup + iters) x (kernel + 100 us of host sync); cover twice that
+            cover = 2 * (warmup + iters) * (isolated + 100.0)
+            count = agreed(math.ceil(cover / alone[(coll, nbytes)]) + 4)
             dist.barrier()
-            with torch.cuda.stream(comm_stream):  # keep the collective running throughout the timed kernels
-                works = [collectives[coll]() for _ in range(warmup + iters + 8)]
+            with torch.cuda.stream(comm_stream):
+                works = [call() for _ in range(count)]
             overlapped = timed(fn)
             for work in works:
                 work.wait()
             torch.cuda.synchronize()
-            samples.append({"op_class": cls, "collective": coll, "kernel": f"{name}:{size}",
+            samples.append({"op_class": cls, "collective": coll, "collective_bytes": nbytes,
+                            "kernel": f"{name}:{size}", "collective_alone_us": alone[(coll, nbytes)],
                             "isolated_us": isolated, "overlapped_us": overlapped, "held_out": index % 2 == 1})
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(samples))

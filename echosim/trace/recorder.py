@@ -11,7 +11,9 @@ storage, so they need no nodes of their own). Streams mirror FSDP2's CUDA stream
 - FSDP2 bounds all-gather prefetching by memory: an all-gather waits until the output of the
   all-gather `depth` before it has been copied out (depth 2 in forward, 1 in backward).
 
-With `measure=True` (CUDA tensors) each compute op is timed with CUDA events.
+With `measure=True` (CUDA tensors) each compute op is timed with CUDA events; a spin kernel
+queued before each op keeps the GPU busy while the op launches, so the events time the GPU's
+work, not the CPU's launch latency (in a GPU-bound step the GPU runs ahead of the CPU too).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ FREE_OPS = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_emp
 COLLECTIVE_STREAMS = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "rs"}
 OP_STREAMS = {"fsdp.all_gather_copy_in": "ag", "fsdp.chunk_cat": "rs"}
 PREFETCH_DEPTH = {"forward": 2, "backward": 1}
+LAUNCH_COVER_CYCLES = 100_000  # ~50 us of GPU clock, longer than an op's launch from Python
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -101,6 +104,7 @@ class Recorder(TorchDispatchMode):
         inputs = _tensors((args, kwargs))
         if self.measure:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(LAUNCH_COVER_CYCLES)  # the GPU is busy while the op launches: time the kernel alone
             start.record()
         out = func(*args, **kwargs)
         outputs = _tensors(out)

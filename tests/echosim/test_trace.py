@@ -114,3 +114,21 @@ def test_user_step_records_groups_sizes_and_splits():
     assert traces[1].ranks == [4, 5, 6, 7] and traces[1].meta["traced_rank"] == 4
     timeline = predict(traces, load_cluster("dgx_h100"))
     assert len([s for s in timeline.spans if s.name == "all_to_all"]) == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_modelled_sparse_attention_on_cuda_is_dsv_kernel_on_its_random_lists():
+    from dsv.ops.sparse_attention import gathered_attention
+    from echosim.trace.flops import _random_index, modelled_sparse_attention
+
+    q, k, v = (torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = modelled_sparse_attention(q, k, v, 0.25)
+    grad = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = gathered_attention(q64, k64, v64, _random_index(q, 0.25), 64 ** -0.5)
+    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), grad.double()))
+    assert _random_index(q, 0.25).counts.float().mean().item() == 2  # round(0.25 * 8) blocks per query block
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-2, rtol=2e-2)

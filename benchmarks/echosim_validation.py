@@ -1,0 +1,138 @@
+"""Predicted vs measured DiT step times, collectives and overlap slowdown, from one evidence folder.
+
+    PYTHONPATH=. python benchmarks/echosim_validation.py --evidence runs/evidence --write-hw \
+        --report benchmarks/results/echosim_validation_h200x4_2026-11-22.md
+
+The folder is what benchmarks/echosim_gpu_evidence.py measured on a GPU node. This script needs
+no GPU: it fits the cluster's NVLink parameters to the NCCL sweeps, the overlap model to the
+overlap sweep, builds the GPU profile (roofline sweeps + the kernel database of the 1-GPU
+traces), then replays every traced (workload, GPU count) on the fitted cluster, without and
+with the overlap model, and compares with the real steps. `--write-hw` stores the fitted
+files in echosim/hw/ (dgx_h200.json, h200.json, overlap_h200.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from echosim.graph import Trace, trace_from_json
+from echosim.hw import HW_DIR, GpuProfile, load_cluster, load_gpu
+from echosim.hw.calibrate_kernels import database_from_nodes
+from echosim.hw.calibrate_nccl import DEFAULT, compare, fit_cluster, format_comparison
+from echosim.hw.calibrate_overlap import fit_overlap
+from echosim.simulate import predict
+from echosim.trace.dit import DiTWorkload
+from echosim.validate import label
+
+
+def load_traces(path: Path) -> list[Trace]:
+    return [trace_from_json(t, source=str(path)) for t in json.loads(path.read_text())]
+
+
+def step_rows(evidence: Path) -> list[dict]:
+    """Every measured (workload, GPU count) with its traces' path."""
+    rows = []
+    for path in sorted(evidence.glob("steps_*.json")):
+        n = int(path.stem.split("_")[1])
+        for r in json.loads(path.read_text()):
+            rows.append({**r, "gpus": n, "traces": evidence / "traces" / f"w{r['index']}_n{n}.json"})
+    return rows
+
+
+def gpu_profile(evidence: Path, rows: list[dict], seed: GpuProfile) -> GpuProfile:
+    """Measured roofline sweeps (if any) + the kernel database of the 1-GPU measured traces."""
+    profile = GpuProfile(**json.loads((evidence / "gpu_profile.json").read_text())) \
+        if (evidence / "gpu_profile.json").exists() else seed
+    nodes = [n for r in rows if r["gpus"] == 1 and r["traces"].exists()
+             for t in load_traces(r["traces"]) for n in t.nodes]
+    profile.kernels = {**profile.kernels, **database_from_nodes(nodes)}
+    return profile
+
+
+def compare_steps(rows: list[dict], cluster, overlap) -> list[dict]:
+    out = []
+    for r in rows:
+        if "median_ms" not in r or not r["traces"].exists():
+            out.append({"config": label(DiTWorkload(**r["workload"])), "gpus": r["gpus"],
+                        "problem": (r.get("error") or "no trace").strip().splitlines()[-1]})
+            continue
+        traces = load_traces(r["traces"])
+        plain = predict(traces, cluster).step_us / 1e3
+        slowed = predict(traces, cluster, overlap=overlap).step_us / 1e3 if overlap else plain
+        real = r["median_ms"]
+        out.append({"config": label(DiTWorkload(**r["workload"])), "gpus": r["gpus"], "measured_ms": real,
+                    "predicted_ms": plain, "error_pct": 100 * (plain - real) / real,
+                    "predicted_overlap_ms": slowed, "error_overlap_pct": 100 * (slowed - real) / real})
+    return out
+
+
+def format_steps(rows: list[dict]) -> str:
+    lines = ["| configuration | GPUs | measured ms | predicted ms | error % | with overlap model ms | error % |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "problem" in r:
+            lines.append(f"| {r['config']} | {r['gpus']} | {r['problem']} | | | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['gpus']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | "
+                     f"{r['error_pct']:+.1f} | {r['predicted_overlap_ms']:.1f} | {r['error_overlap_pct']:+.1f} |")
+    done = [r for r in rows if "problem" not in r]
+    for key, name in (("error_pct", "without"), ("error_overlap_pct", "with")):
+        errors = [abs(r[key]) for r in done]
+        if errors:
+            lines.append(f"\n{name} the overlap model: {len(errors)} points, mean |error| "
+                         f"{statistics.mean(errors):.1f} %, max {max(errors):.1f} %")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--evidence", required=True, help="folder written by echosim_gpu_evidence.py")
+    parser.add_argument("--cluster", default="dgx_h200", help="seed cluster the NCCL fit starts from")
+    parser.add_argument("--write-hw", action="store_true", help="store the fitted files in echosim/hw/")
+    parser.add_argument("--report", default="", help="also write the tables to this Markdown file")
+    args = parser.parse_args()
+    evidence = Path(args.evidence)
+    seed = load_cluster(args.cluster)
+    sections = []
+
+    nccl_path = evidence / "nccl.json"
+    cluster = seed
+    if nccl_path.exists():
+        samples = json.loads(nccl_path.read_text())
+        cluster = fit_cluster(seed, samples) if "Simple" in samples else seed
+        sections.append("## Collectives (NCCL's default choices) vs the fitted model\n\n```\n"
+                        + format_comparison(compare(cluster, samples[DEFAULT])) + "\n```")
+
+    overlap = None
+    if (evidence / "overlap.json").exists():
+        overlap = fit_overlap(json.loads((evidence / "overlap.json").read_text()))
+        v = overlap.validation
+        sections.append("## Overlap slowdown model (held-out kernels)\n\n"
+                        f"factors: `{json.dumps(overlap.factors)}`\n\n| model | median abs error % | mean abs error % |\n"
+                        "|---|---:|---:|\n"
+                        + "\n".join(f"| {name} | {v[f'median_abs_{key}']:.1f} | {v[f'mean_abs_{key}']:.1f} |"
+                                    for name, key in (("per (op class, collective)", "error_pct"),
+                                                      (f"constant {v['constant_factor']:.3f}", "constant_error_pct"),
+                                                      ("no slowdown", "no_model_error_pct"))))
+
+    rows = step_rows(evidence)
+    gpu = gpu_profile(evidence, rows, load_gpu(cluster.gpu))
+    if args.write_hw:
+        (HW_DIR / f"{args.cluster}.json").write_text(json.dumps(asdict(cluster), indent=1) + "\n")
+        (HW_DIR / f"{cluster.gpu}.json").write_text(json.dumps(asdict(gpu), indent=1) + "\n")
+        if overlap:
+            overlap.notes = "Measured by benchmarks/echosim_gpu_evidence.py (calibrate_overlap sweep)."
+            overlap.save(HW_DIR / f"overlap_{cluster.gpu}.json")
+    steps = compare_steps(rows, cluster, overlap)
+    sections.insert(0, "## DiT step time: measured vs predicted\n\n" + format_steps(steps))
+    text = "\n\n".join(sections)
+    print(text)
+    if args.report:
+        Path(args.report).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""echosim validate's real-step path on CPU: one torchrun job (gloo) runs several workloads."""
+import pytest
+
+from echosim.hw import load_cluster
+from echosim.validate import label, measure_many, validate, workload_traces
+from echosim.trace.dit import DiTWorkload
+
+TINY = dict(preset="tiny", frames=4, height=16, width=16, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    workloads = [DiTWorkload(**TINY), DiTWorkload(**TINY, cp_heads=3), DiTWorkload(**TINY, batch=2)]
+    return measure_many(workloads, 2, steps=2)
+
+
+def test_each_workload_gets_its_step_times(measured):
+    for result in (measured[0], measured[2]):
+        assert len(result["all_ms"]) == 2 and result["median_ms"] > 0
+
+
+def test_a_failing_workload_reports_its_error_and_the_rest_still_run(measured):
+    assert "error" in measured[1] and "context-parallel groups" in measured[1]["error"]
+
+
+def test_validate_prints_a_row_per_runnable_workload(capsys):
+    rows = validate([DiTWorkload(**TINY), DiTWorkload(**TINY, cp_heads=2)], [1], load_cluster("dgx_h200"), steps=1)
+    assert [r["config"] for r in rows] == ["tiny 4x16x16 b1"]  # cp 2 cannot run on one rank
+    assert rows[0]["predicted_ms"] > 0 and "error_pct" in rows[0]
+    assert "tiny 4x16x16 b1" in capsys.readouterr().out
+
+
+def test_labels_name_what_differs():
+    assert label(DiTWorkload(preset="1.3B", frames=16, height=64, width=64, density=0.2, cp_heads=2)) == \
+        "1.3B 16x64x64 b1 d0.2 cp2x1"
+
+
+def test_traces_carry_the_workload():
+    [trace] = workload_traces(DiTWorkload(**TINY), 4, measure=False)
+    assert trace.meta["fsdp"] == 4 and trace.meta["preset"] == "tiny"
