@@ -72,14 +72,15 @@ class GPTJob:
                        f"({self.global_batch})")
         return out
 
-    def parts(self) -> GPTParts:
+    def parts(self, *, device: str = "cpu", measure: bool = False) -> GPTParts:
+        """The traced parts (see trace_gpt_parts for `device` and `measure`)."""
         shards = self.dp if self.data_parallel == "fsdp" else 1
         return trace_gpt_parts(self.config(), tp=self.tp, sequence_parallel=self.sequence_parallel,
-                               micro_batch=self.micro_batch, optimizer_shards=shards)
+                               micro_batch=self.micro_batch, optimizer_shards=shards, device=device, measure=measure)
 
-    def stage_parts(self, stage: int) -> list[tuple[str, TracedPart]]:
+    def stage_parts(self, stage: int, *, device: str = "cpu", measure: bool = False) -> list[tuple[str, TracedPart]]:
         """The parts on `stage`, in forward order."""
-        parts = self.parts()
+        parts = self.parts(device=device, measure=measure)
         names = [("embedding", parts.embedding)] if stage == 0 else []
         names += [(f"layer{stage * self.layers_per_stage + i}", parts.layer) for i in range(self.layers_per_stage)]
         return names + ([("head", parts.head)] if stage == self.pp - 1 else [])
@@ -159,14 +160,16 @@ class GPTStage:
             graph.add(part.optimizer, after=after)
 
 
-def gpt_traces(job: GPTJob) -> list[Trace]:
+def gpt_traces(job: GPTJob, *, device: str = "cpu", measure: bool = False) -> list[Trace]:
     """One trace per pipeline stage, standing for its tp x dp ranks; raises ValueError if `job`
-    cannot run its model."""
+    cannot run its model. Parts are traced on fake `device` tensors, or timed on this GPU with
+    `measure` (echosim.trace.gpt.trace_gpt_parts)."""
     problems = job.problems()
     if problems:
         raise ValueError(f"{job.model} on tp={job.tp} pp={job.pp} dp={job.dp}: " + "; ".join(problems))
     per_stage = job.tp * job.dp
-    stages = [GPTStage(job=job, parts=job.stage_parts(s), activation_bytes=job.activation_bytes())
+    stages = [GPTStage(job=job, parts=job.stage_parts(s, device=device, measure=measure),
+                       activation_bytes=job.activation_bytes())
               for s in range(job.pp)]
     return compose_pipeline(stages, schedule=job.schedule, microbatches=job.microbatches,
                             world_size=job.world_size, groups=job.groups(),

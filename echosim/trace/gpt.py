@@ -3,8 +3,11 @@
 The model is plain modules with explicit collectives (echosim.trace.tensor_parallel): a
 vocab-parallel embedding, pre-LN transformer layers (column-parallel QKV and FC1, row-parallel
 projection and FC2, causal SDPA), a final LayerNorm and a vocab-parallel head with Megatron's
-cross entropy (three all-reduces: max, sum of exponentials, target logit). Dropout and the
-once-per-step all-reduce of LayerNorm gradients under SP are left out.
+cross entropy (three all-reduces: max, sum of exponentials, target logit). Dropout is left out,
+and so is, from the trace, the once-per-step all-reduce over TP of the gradients of the weights
+every rank holds whole (LayerNorms, row-parallel biases, positions) under SP, which the real
+step (echosim.gpt_run) does. `sharded_part` builds a part whose slices come from one full,
+seeded initialisation, so that any parallel layout starts from the same model.
 
 `trace_gpt_parts` runs each part (embedding, one layer, head) once on a fake tensor-parallel
 group of the real size under FakeTensorMode and records its forward and backward of one
@@ -13,6 +16,7 @@ weights (sharded when the optimizer is). Identical layers are traced once and re
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -60,6 +64,8 @@ class ParallelEmbedding(nn.Module):
         self.group, self.sp, self.tp = group, sp, group.size()
         self.rows = cfg.vocab // self.tp
         self.start = group.rank() * self.rows
+        self.local_seq = cfg.seq // self.tp if sp else cfg.seq
+        self.seq_start = group.rank() * self.local_seq if sp else 0
         self.word = nn.Parameter(torch.randn(self.rows, cfg.hidden, dtype=dtype) * 0.02)
         self.position = nn.Parameter(torch.randn(cfg.seq, cfg.hidden, dtype=dtype) * 0.02)
 
@@ -67,8 +73,9 @@ class ParallelEmbedding(nn.Module):
         local = tokens - self.start
         outside = (local < 0) | (local >= self.rows)
         x = F.embedding(local.masked_fill(outside, 0), self.word).masked_fill(outside[..., None], 0.0)
-        x = (x + self.position).transpose(0, 1)  # (S, B, H)
-        return reduce_from_tp(x, self.group, sequence_parallel=self.sp)  # (S/t under SP, B, H)
+        x = x.transpose(0, 1).contiguous()  # (S, B, H), laid out sequence-first as Megatron does
+        x = reduce_from_tp(x, self.group, sequence_parallel=self.sp)  # (S/t under SP, B, H)
+        return x + self.position[self.seq_start:self.seq_start + self.local_seq, None]  # positions added once
 
 
 class ParallelAttention(nn.Module):
@@ -131,6 +138,31 @@ class ParallelHead(nn.Module):
         return (sum_exp.log() - sum_over_tp(picked, self.group)).mean()
 
 
+class _OneRank:
+    """What a module asks of its group, for a build that holds the whole model."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+def sharded_part(cls: type[nn.Module], cfg: GPTConfig, group, sp: bool, dtype, *, seed: int) -> nn.Module:
+    """`cls` on `group` holding this rank's slice of the full weights that a one-rank build draws
+    from `seed`, so that every parallel layout starts from the same model. Each parameter gets
+    `tp_dim`: the dimension split over the group, or None where every rank holds all of it."""
+    torch.manual_seed(seed)
+    full = cls(cfg, _OneRank(), False, dtype)
+    part = cls(cfg, group, sp, dtype)
+    with torch.no_grad():
+        for p, whole in zip(part.parameters(), full.parameters(), strict=True):
+            split = [d for d, (a, b) in enumerate(zip(p.shape, whole.shape)) if a != b]
+            p.tp_dim = split[0] if split else None
+            p.copy_(whole.narrow(split[0], group.rank() * p.shape[split[0]], p.shape[split[0]]) if split else whole)
+    return part
+
+
 # -- tracing
 @dataclass(kw_only=True)
 class TracedPart:
@@ -150,9 +182,11 @@ class GPTParts:
     head: TracedPart
 
 
-def _record(labels, fn) -> tuple[list[Node], object]:
-    with Recorder(group_labels=labels) as recorder:
+def _record(labels, fn, measure: bool) -> tuple[list[Node], object]:
+    with Recorder(group_labels=labels, measure=measure) as recorder:
         out = fn()
+    if measure:
+        recorder.trace(ranks=[0])  # synchronizes and sets each node's measured duration
     return recorder.nodes, out
 
 
@@ -171,15 +205,15 @@ def _saved_bytes(fn, exclude: set[int]) -> tuple[object, float]:
     return out, float(sum(seen.values()))
 
 
-def _trace_part(module: nn.Module, make_inputs, labels, shards: int) -> TracedPart:
+def _trace_part(module: nn.Module, make_inputs, labels, shards: int, measure: bool) -> TracedPart:
     params = list(module.parameters())
     out = module(*make_inputs())
     out.backward(torch.ones_like(out))  # warm-up: gradients exist, so the recorded backward accumulates
     exclude = {p.untyped_storage()._cdata for p in params}
     inputs = make_inputs()
-    forward, (out, saved) = _record(labels, lambda: _saved_bytes(lambda: module(*inputs), exclude))
+    forward, (out, saved) = _record(labels, lambda: _saved_bytes(lambda: module(*inputs), exclude), measure)
     grad = torch.ones_like(out)
-    backward, _ = _record(labels, lambda: out.backward(grad))
+    backward, _ = _record(labels, lambda: out.backward(grad), measure)
     masters = [nn.Parameter(torch.zeros(-(-p.numel() // shards))) for p in params]  # fp32 shards
     for m in masters:
         m.grad = torch.zeros_like(m)
@@ -191,20 +225,23 @@ def _trace_part(module: nn.Module, make_inputs, labels, shards: int) -> TracedPa
         optimizer.step()
         torch._foreach_copy_(working, masters)
 
-    optimizer_nodes, _ = _record(labels, step)
+    optimizer_nodes, _ = _record(labels, step, measure)
     return TracedPart(forward=forward, backward=backward, optimizer=optimizer_nodes,
                       params=sum(p.numel() for p in params), saved_bytes=saved)
 
 
 @lru_cache(maxsize=32)
 def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_batch: int,
-                    optimizer_shards: int = 1, dtype: torch.dtype = torch.bfloat16) -> GPTParts:
-    """Trace the embedding, one layer and the head as tensor-parallel rank 0 of `tp`."""
+                    optimizer_shards: int = 1, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                    measure: bool = False) -> GPTParts:
+    """Trace the embedding, one layer and the head as tensor-parallel rank 0 of `tp`, on fake tensors
+    of `device` ("cuda" names the ops as a GPU runs them); with `measure`, on real CUDA tensors,
+    each compute op timed (collectives return at once: they are modelled, not measured)."""
     sp = sequence_parallel and tp > 1
     local_seq = cfg.seq // tp if sp else cfg.seq
-    with fake_world(rank=0, mesh_shape={"tp": tp}) as mesh:
+    with fake_world(rank=0, mesh_shape={"tp": tp}, device=device) as mesh:
         labels, group = mesh_groups(mesh), mesh.get_group("tp")
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with nullcontext() if measure else FakeTensorMode(allow_non_fake_inputs=True), torch.device(device):
             torch.manual_seed(0)
 
             def tokens() -> Tensor:
@@ -215,8 +252,8 @@ def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_b
 
             embedding = ParallelEmbedding(cfg, group, sp, dtype)
             parts = GPTParts(
-                embedding=_trace_part(embedding, lambda: (tokens(),), labels, optimizer_shards),
-                layer=_trace_part(GPTLayer(cfg, group, sp, dtype), hidden, labels, optimizer_shards),
+                embedding=_trace_part(embedding, lambda: (tokens(),), labels, optimizer_shards, measure),
+                layer=_trace_part(GPTLayer(cfg, group, sp, dtype), hidden, labels, optimizer_shards, measure),
                 head=_trace_part(ParallelHead(cfg, group, sp, dtype), lambda: (*hidden(), tokens()), labels,
-                                 optimizer_shards))
+                                 optimizer_shards, measure))
     return parts
