@@ -237,6 +237,8 @@ def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_b
     """Trace the embedding, one layer and the head as tensor-parallel rank 0 of `tp`, on fake tensors
     of `device` ("cuda" names the ops as a GPU runs them); with `measure`, on real CUDA tensors,
     each compute op timed (collectives return at once: they are modelled, not measured)."""
+    if measure and device != "cuda":
+        raise ValueError(f"measure times each op on the GPU with CUDA events: it needs device='cuda', not {device!r}")
     sp = sequence_parallel and tp > 1
     local_seq = cfg.seq // tp if sp else cfg.seq
     with fake_world(rank=0, mesh_shape={"tp": tp}, device=device) as mesh:

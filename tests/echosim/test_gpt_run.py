@@ -3,6 +3,7 @@ the loss, the reduced gradients and the updated weights of the same step on one 
 import os
 import socket
 import tempfile
+from collections import Counter
 from dataclasses import asdict
 
 import pytest
@@ -10,14 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from echosim.gpt3d import GPTJob
+from echosim.gpt3d import GPTJob, gpt_traces
 from echosim.gpt_run import Stage, global_batch, measure_many, place, run_job
+from echosim.trace import Recorder
 
 TINY = dict(model="gpt-tiny", global_batch=8, micro_batch=2)  # 4 layers, hidden 64, 4 heads, sequence 32
 REFERENCE = GPTJob(tp=1, pp=1, dp=1, **TINY)
 LAYOUTS = {
     "tp2-pp2-sp": GPTJob(tp=2, pp=2, dp=1, sequence_parallel=True, **TINY),
-    "pp2-dp2-ddp": GPTJob(tp=1, pp=2, dp=2, bucket_mb=0.05, **TINY),  # several buckets per layer
+    "pp2-dp2-ddp": GPTJob(tp=1, pp=2, dp=2, bucket_mb=1 / 16, **TINY),  # several buckets per layer
     "tp2-dp2-fsdp": GPTJob(tp=2, pp=1, dp=2, data_parallel="fsdp", sequence_parallel=False, **TINY),
     "pp4-1f1b": GPTJob(tp=1, pp=4, dp=1, schedule="1f1b", **TINY),
     "pp4-gpipe": GPTJob(tp=1, pp=4, dp=1, schedule="gpipe", **TINY),
@@ -50,11 +52,31 @@ def _two_steps(job: GPTJob):
     return losses.tolist(), state
 
 
+def _comms(nodes) -> Counter:
+    """Transfers as (kind, collective, group, bytes); point-to-point ones are the pipeline's."""
+    return Counter((n.kind, n.name, "pp" if n.kind != "COMM_COLL" else n.group, n.bytes) for n in nodes if n.is_comm)
+
+
+def _recorded_step(job: GPTJob):
+    """(stage, the transfers of one bf16 step as this rank issued them, those gpt3d leaves out)."""
+    where = place(job)
+    stage = Stage(job, where, device="cpu", dtype=torch.bfloat16)
+    labels = {getattr(where, kind).group_name: (kind, blocks) for kind, blocks in job.groups().items()}
+    with Recorder(group_labels=labels) as recorder:
+        stage.step(global_batch(job, 0, "cpu"))
+    left_out = Counter(("COMM_COLL", "all_reduce", "tp", 4.0 * whole) for whole in stage.data_parallel.whole
+                       if stage.data_parallel.sp and whole)  # SP: whole weights' gradients summed over tp
+    return where.stage, _comms(recorder.nodes), left_out
+
+
 def _worker(rank: int, world_size: int, port: int, path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     results = {name: _two_steps(job) for name, job in {"reference": REFERENCE, **LAYOUTS}.items()}
+    for name, job in LAYOUTS.items():
+        results[f"{name} transfers"] = [None] * world_size
+        dist.all_gather_object(results[f"{name} transfers"], _recorded_step(job))
     try:
         run_job(BAD, steps=1, warmup=0)
     except ValueError as e:
@@ -89,6 +111,13 @@ def test_layout_matches_one_rank(runs, layout):
         assert _relative(weight, ref[name][0]) < 1e-5, name
     assert next_loss == pytest.approx(ref_next_loss, rel=1e-6)  # the updated weights reached the working ones
     assert next_loss < loss - 0.01  # and the step learned the batch
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_rank_transfers_what_gpt3d_predicts(runs, layout):
+    traces = gpt_traces(LAYOUTS[layout])
+    for stage, transfers, left_out in runs[f"{layout} transfers"]:
+        assert transfers == _comms(traces[stage].nodes) + left_out
 
 
 def test_reference_step_changes_every_weight(runs):

@@ -1,0 +1,26 @@
+"""validate_gpt pairs each job's measurement with its prediction and keeps failed jobs as rows."""
+import pytest
+
+import echosim.validate_gpt as validate
+from echosim.gpt3d import GPTJob
+from echosim.hw import load_cluster
+
+TINY = dict(model="gpt-tiny", global_batch=8, micro_batch=2)
+
+
+def test_rows_pair_measured_and_predicted_and_keep_failures(monkeypatch, capsys):
+    jobs = [GPTJob(tp=2, pp=2, dp=1, **TINY), GPTJob(tp=1, pp=1, dp=2, data_parallel="fsdp", **TINY),
+            GPTJob(tp=3, pp=1, dp=1, **TINY)]
+    fake = [{"median_ms": 2.0}, {"error": "OutOfMemoryError: CUDA out of memory"}, {"error": "tp=3 does not divide"}]
+    monkeypatch.setattr(validate, "measure_many", lambda jobs, steps, warmup: fake)
+    cluster = load_cluster("dgx_h200")
+    rows = validate.validate_gpt(jobs, cluster, steps=2)
+    predicted = validate.predicted_gpt_ms(jobs[0], cluster)
+    assert rows[0]["predicted_ms"] == predicted
+    assert rows[0]["error_pct"] == pytest.approx(100 * (predicted - 2.0) / 2.0)
+    assert rows[1]["predicted_ms"] > 0 and rows[1]["error_pct"] is None and "out of memory" in rows[1]["error"]
+    assert rows[2]["predicted_ms"] is None and rows[2]["error"] == "tp=3 does not divide"  # no trace of a bad job
+    assert [r["config"] for r in rows] == ["gpt-tiny tp2 pp2 dp1 sp 1f1b mb2x4", "gpt-tiny tp1 pp1 dp2 fsdp mb2x2",
+                                           "gpt-tiny tp3 pp1 dp1 sp mb2x4"]
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and table[1].startswith("gpt-tiny tp2 pp2 dp1 sp 1f1b mb2x4")
