@@ -34,6 +34,7 @@ mean loss over the global batch, whatever the layout.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -160,9 +161,12 @@ class DDP(_Gradients):
                 self.works.append(dist.all_reduce(bucket, group=self.where.dp, async_op=True))
             self.start = self.filled
 
+    def begin(self) -> None:
+        super().begin()
+        self.start = self.filled = 0
+
     def step(self) -> None:
         self.wait()
-        self.start = self.filled = 0
         with torch.no_grad():
             for optimizer, params, masters in zip(self.optimizers, self.params, self.masters):
                 optimizer.step()
@@ -246,6 +250,7 @@ class Stage:
         self.order = schedule_order(job.schedule, job.pp, job.microbatches)[where.stage]
         self.activation = (cfg.seq // job.tp if sp else cfg.seq, job.micro_batch, cfg.hidden)  # (S or S/t, B, H)
         self.saved: dict[int, list[tuple[Tensor, Tensor]]] = {}  # microbatch -> (input, output) per part
+        self.loss_scale = torch.tensor(1.0 / (job.microbatches * job.dp), device=device)  # made once: no copy per step
 
     def step(self, tokens: Tensor) -> Tensor | None:
         """One training step on the global batch (global_batch, S + 1); on the last stage, the mean
@@ -264,7 +269,7 @@ class Stage:
                 if where.next is None:
                     losses.append(out.detach())
             else:
-                grad = torch.tensor(1.0 / (m * job.dp), device=self.device) if recv is None else recv
+                grad = self.loss_scale if recv is None else recv
                 grad = self._backward(i, grad, last_microbatch=i == m - 1)
                 sends = [] if where.prev is None else [dist.P2POp(dist.isend, grad, where.prev)]
         self._exchange(sends)
@@ -401,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         if dist.get_rank() == 0:
             Path(args.out).write_text(json.dumps(results))
         if args.device == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
     dist.destroy_process_group()
 

@@ -21,17 +21,18 @@ from echosim.hw import Cluster, load_cluster
 from echosim.overlap import load_overlap
 from echosim.simulate import predict
 
-# gpt-1.3b and gpt-13b on 2 and 4 H200s: every step well under 3 s and 60 GB a GPU (echosim.memory)
+# gpt-1.3b and gpt-13b on 2 and 4 H200s: steps of 0.2-1 s predicted, under 70 GB a GPU (echosim.memory);
+# microbatches of 2 keep eager PyTorch's per-op host cost (~10 us) below the kernels' (25-65 us a kernel)
 SUITE = [
-    GPTJob(model="gpt-1.3b", tp=2, pp=1, dp=1, global_batch=8, micro_batch=1),
-    GPTJob(model="gpt-1.3b", tp=1, pp=2, dp=1, schedule="1f1b", global_batch=16, micro_batch=1),
+    GPTJob(model="gpt-1.3b", tp=2, pp=1, dp=1, global_batch=16, micro_batch=2),
+    GPTJob(model="gpt-1.3b", tp=1, pp=2, dp=1, schedule="1f1b", global_batch=16, micro_batch=2),
     GPTJob(model="gpt-1.3b", tp=1, pp=1, dp=2, data_parallel="ddp", global_batch=16, micro_batch=2),
     GPTJob(model="gpt-1.3b", tp=1, pp=1, dp=2, data_parallel="fsdp", global_batch=16, micro_batch=2),
-    GPTJob(model="gpt-1.3b", tp=2, pp=2, dp=1, schedule="1f1b", global_batch=16, micro_batch=1),
-    GPTJob(model="gpt-1.3b", tp=1, pp=2, dp=2, schedule="1f1b", data_parallel="ddp", global_batch=16, micro_batch=1),
-    GPTJob(model="gpt-1.3b", tp=2, pp=1, dp=2, data_parallel="fsdp", global_batch=16, micro_batch=1),
-    GPTJob(model="gpt-1.3b", tp=1, pp=4, dp=1, schedule="1f1b", global_batch=16, micro_batch=1),
-    GPTJob(model="gpt-13b", tp=4, pp=1, dp=1, global_batch=8, micro_batch=1),
+    GPTJob(model="gpt-1.3b", tp=2, pp=2, dp=1, schedule="1f1b", global_batch=32, micro_batch=2),
+    GPTJob(model="gpt-1.3b", tp=1, pp=2, dp=2, schedule="1f1b", data_parallel="ddp", global_batch=32, micro_batch=2),
+    GPTJob(model="gpt-1.3b", tp=2, pp=1, dp=2, data_parallel="fsdp", global_batch=32, micro_batch=2),
+    GPTJob(model="gpt-1.3b", tp=1, pp=4, dp=1, schedule="1f1b", global_batch=32, micro_batch=2),
+    GPTJob(model="gpt-13b", tp=4, pp=1, dp=1, global_batch=16, micro_batch=2),
 ]
 
 
