@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from echosim.graph import Node
 from echosim.hw import GpuProfile
+from echosim.hw.calibrate_nccl import SPIN_CYCLES_PER_CALL
 from echosim.kernels import db_key
 
 GEMM_SIZES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096), (8192, 2048, 8192)]
@@ -27,12 +28,13 @@ ELEMENTWISE_NUMEL = [2**24, 2**26, 2**28]
 
 
 def time_us(fn: Callable[[], object], iters: int = 20, warmup: int = 5) -> float:
-    """Median CUDA-event time of fn in microseconds."""
+    """Median CUDA-event time of fn's kernels in microseconds (launch latency excluded)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SPIN_CYCLES_PER_CALL)  # the kernel is queued before the GPU reaches `start`
         start.record()
         fn()
         end.record()

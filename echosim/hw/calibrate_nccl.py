@@ -31,6 +31,7 @@ from echosim.hw import Cluster
 FITTED = ("all_gather", "reduce_scatter", "all_reduce")  # the ring formulas the fit identifies
 SWEPT = FITTED + ("all_to_all", "broadcast", "send_recv")
 SIZES = [2**k for k in range(10, 31, 2)]  # 1 KiB .. 1 GiB
+SPIN_CYCLES_PER_CALL = 200_000  # ~100 us of GPU clock per queued call: longer than its launch from Python
 DEFAULT = "default"  # NCCL's own choice of algorithm and protocol: the sweep the model is judged on
 
 
@@ -129,15 +130,16 @@ def sweep(out_path: str, sizes: list[int], iters: int, warmup: int = 5) -> None:
                  "broadcast": lambda: dist.broadcast(full, src=0),
                  "send_recv": lambda: (dist.send(full, 1) if rank == 0 else dist.recv(full, 0) if rank == 1 else None)}
         for name in SWEPT:
-            us = _time_us(calls[name], iters, warmup, cuda)
+            us = time_collective_us(calls[name], iters, warmup, cuda)
             samples.append({"collective": name, "n": n, "bytes": full.nbytes, "us": us})
     if rank == 0:
         Path(out_path).write_text(json.dumps(samples))
     dist.destroy_process_group()
 
 
-def _time_us(call, iters: int, warmup: int, cuda: bool) -> float:
-    """Mean time of back-to-back calls, all ranks starting together."""
+def time_collective_us(call, iters: int, warmup: int, cuda: bool) -> float:
+    """Mean time of back-to-back calls, all ranks starting together. On GPUs the calls are all
+    queued behind a spin kernel first, so the events time NCCL's kernels, not Python's launches."""
     import torch
     import torch.distributed as dist
 
@@ -151,9 +153,10 @@ def _time_us(call, iters: int, warmup: int, cuda: bool) -> float:
         return 1e6 * (time.perf_counter() - began) / iters
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(SPIN_CYCLES_PER_CALL * iters)
     start.record()
     for _ in range(iters):
-        call()
+        call()  # synchronous calls make the current stream wait for NCCL's, without blocking the host
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / iters

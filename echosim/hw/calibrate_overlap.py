@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from echosim.hw.calibrate_nccl import SPIN_CYCLES_PER_CALL, time_collective_us
 from echosim.overlap import FittedSlowdown
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -106,6 +107,7 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
         times = []
         for i in range(warmup + iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(SPIN_CYCLES_PER_CALL)  # the kernel is queued before the GPU reaches `start`
             start.record()
             fn()
             end.record()
@@ -121,19 +123,7 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
         return int(t.item())
 
     calls = {(c, size): collective(c, size) for c in COLLECTIVES for size in COLLECTIVE_SIZES}
-    alone = {}
-    for key, call in calls.items():  # each collective's own time, to keep it running through a timed loop
-        with torch.cuda.stream(comm_stream):
-            for _ in range(3):
-                call().wait()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                call()
-            end.record()
-        torch.cuda.synchronize()
-        alone[key] = start.elapsed_time(end) * 1e3 / 10
+    alone = {key: time_collective_us(lambda call=call: call().wait(), 10, 3, cuda=True) for key, call in calls.items()}
 
     samples = []
     for index, (cls, name, size) in enumerate(KERNELS):
@@ -141,8 +131,8 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
         dist.barrier()
         isolated = timed(fn)
         for (coll, nbytes), call in calls.items():
-            # the timed loop is at most ~(warmup + iters) x (kernel + 100 us of host sync); cover twice that
-            cover = 2 * (warmup + iters) * (isolated + 100.0)
+            # the timed loop is at most ~(warmup + iters) x (spin + kernel + host sync); cover twice that
+            cover = 2 * (warmup + iters) * (isolated + 250.0)
             count = agreed(math.ceil(cover / alone[(coll, nbytes)]) + 4)
             dist.barrier()
             with torch.cuda.stream(comm_stream):

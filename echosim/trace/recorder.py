@@ -11,9 +11,10 @@ storage, so they need no nodes of their own). Streams mirror FSDP2's CUDA stream
 - FSDP2 bounds all-gather prefetching by memory: an all-gather waits until the output of the
   all-gather `depth` before it has been copied out (depth 2 in forward, 1 in backward).
 
-With `measure=True` (CUDA tensors) each compute op is timed with CUDA events; a spin kernel
-queued before each op keeps the GPU busy while the op launches, so the events time the GPU's
-work, not the CPU's launch latency (in a GPU-bound step the GPU runs ahead of the CPU too).
+With `measure=True` (CUDA tensors) the step runs under torch.profiler and each compute op's
+duration is the GPU time of the kernels it launched, as CUPTI recorded them: the recorder's
+own host overhead, launch latency and interpreter pauses never enter a duration. Without
+CUDA the duration is the op's CPU time.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ FREE_OPS = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_emp
 COLLECTIVE_STREAMS = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "rs"}
 OP_STREAMS = {"fsdp.all_gather_copy_in": "ag", "fsdp.chunk_cat": "rs"}
 PREFETCH_DEPTH = {"forward": 2, "backward": 1}
-LAUNCH_COVER_CYCLES = 100_000  # ~50 us of GPU clock, longer than an op's launch from Python
+MEASURE_TAG = "echosim.node."  # profiler range around the op that becomes the node of this id
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -56,12 +57,28 @@ class Recorder(TorchDispatchMode):
         self.groups: dict[str, list[list[int]]] = {}
         self.nodes: list[Node] = []
         self.measure = measure
-        self._events: list[tuple[Node, torch.cuda.Event, torch.cuda.Event]] = []
+        self._measured: list[int] = []  # per profiler range, in order: its op's node id (-1: none)
+        self._cuda = torch.cuda.is_available()
+        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * self._cuda
+        self._profiler = torch.profiler.profile(activities=activities) if measure else None
         self._writer: dict[int, tuple[StorageWeakRef, int]] = {}  # storage -> last node that wrote it
         self._consumer: dict[int, int] = {}  # collective node -> first compute node that read its output
         self._gathers: list[int] = []  # all-gather nodes in issue order
 
     # -- dependencies through storage
+    def __enter__(self):
+        if self._profiler:
+            self._profiler.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        if self._profiler:
+            if self._cuda:
+                torch.cuda.synchronize()
+            self._profiler.__exit__(*exc)
+        return out
+
     def _storage_key(self, t: torch.Tensor) -> int | None:
         try:
             return t.untyped_storage()._cdata
@@ -103,10 +120,11 @@ class Recorder(TorchDispatchMode):
             return out
         inputs = _tensors((args, kwargs))
         if self.measure:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(LAUNCH_COVER_CYCLES)  # the GPU is busy while the op launches: time the kernel alone
-            start.record()
-        out = func(*args, **kwargs)
+            with torch.profiler.record_function(f"{MEASURE_TAG}{len(self._measured)}"):
+                out = func(*args, **kwargs)
+            self._measured.append(-1)  # its node's id, once the node is kept
+        else:
+            out = func(*args, **kwargs)
         outputs = _tensors(out)
         mutated = [a for a, arg in zip(args, func._schema.arguments) if arg.alias_info and arg.alias_info.is_write]
         mutated += [kwargs[arg.name] for arg in func._schema.arguments
@@ -121,8 +139,7 @@ class Recorder(TorchDispatchMode):
                     self._consumer.setdefault(dep, node.id)
             self._add(node, outputs + _tensors(mutated))
             if self.measure:
-                end.record()
-                self._events.append((node, start, end))
+                self._measured[-1] = node.id
         return out
 
     def _collective(self, info, tensors: list[torch.Tensor]) -> None:
@@ -155,8 +172,11 @@ class Recorder(TorchDispatchMode):
     def trace(self, *, ranks: list[int], meta: dict | None = None) -> Trace:
         """The recorded step as a Trace standing for `ranks`."""
         if self.measure:
-            torch.cuda.synchronize()
-            for node, start, end in self._events:
-                node.duration_us = start.elapsed_time(end) * 1e3
+            for event in self._profiler.events():
+                if event.name.startswith(MEASURE_TAG):
+                    node_id = self._measured[int(event.name.removeprefix(MEASURE_TAG))]
+                    if node_id >= 0:
+                        busy = event.device_time_total if self._cuda else event.cpu_time_total
+                        self.nodes[node_id].duration_us = float(busy)
         return Trace(world_size=dist.get_world_size(), ranks=ranks, groups=dict(self.groups),
                      nodes=list(self.nodes), meta=meta or {})

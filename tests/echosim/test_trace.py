@@ -132,3 +132,37 @@ def test_modelled_sparse_attention_on_cuda_is_dsv_kernel_on_its_random_lists():
     assert _random_index(q, 0.25).counts.float().mean().item() == 2  # round(0.25 * 8) blocks per query block
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, atol=2e-2, rtol=2e-2)
+
+
+def test_measured_trace_times_every_compute_node_by_its_profiled_range():
+    def make_step(mesh):
+        a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+        def step():
+            c = (a @ b).relu()
+            torch.zeros(3).add_(1.0)  # no flops, tiny bytes: still a node
+            return c.sum()
+
+        return step
+
+    [trace] = trace_roles(make_step, mesh_shape={"dp": 1}, roles=[[0]], fake_tensors=False, measure=True)
+    comp = [n for n in trace.nodes if n.kind == "COMP"]
+    assert [n.name for n in comp][:2] == ["aten.mm", "aten.relu"]
+    assert all(n.duration_us is not None and n.duration_us > 0 for n in comp)
+    assert comp[0].duration_us > comp[1].duration_us  # a 256^3 matmul outlasts a 64K-element relu
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measured_cuda_node_is_its_kernel_time():
+    from echosim.hw.calibrate_kernels import time_us
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def make_step(mesh):
+        return lambda: a @ a
+
+    [trace] = trace_roles(make_step, mesh_shape={"dp": 1}, roles=[[0]], device="cuda", fake_tensors=False,
+                          measure=True)
+    [mm] = [n for n in trace.nodes if n.name == "aten.mm"]
+    assert mm.duration_us == pytest.approx(time_us(lambda: a @ a), rel=0.15)
