@@ -61,6 +61,8 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_ten
 # -- where this rank sits
 @dataclass(kw_only=True)
 class Place:
+    """This rank's stage, data-parallel and tensor-parallel index, its groups and pipeline peers."""
+
     stage: int
     d: int
     t: int
@@ -109,8 +111,7 @@ class _Gradients:
         self.sp = job.sequence_parallel and job.tp > 1
         self.params = [sorted(m.parameters(), key=lambda p: p.tp_dim is not None) for m in modules]
         self.whole = [sum(p.numel() for p in ps if p.tp_dim is None) for ps in self.params]
-        self.sizes = [sum(p.numel() for p in ps) for ps in self.params]
-        padded = [-(-n // pad) * pad for n in self.sizes]
+        padded = [-(-sum(p.numel() for p in ps) // pad) * pad for ps in self.params]
         self.buffer = torch.zeros(sum(padded), dtype=torch.float32, device=device)
         starts = [sum(padded[i + 1:]) for i in range(len(modules))]
         self.segments = [self.buffer[s:s + n] for s, n in zip(starts, padded)]
@@ -338,9 +339,10 @@ def job_problem(job: GPTJob) -> str | None:
 
 def run_job(job: GPTJob, steps: int, warmup: int, *, device: str | None = None,
             dtype: torch.dtype | None = None) -> dict:
-    """Time `warmup + steps` training steps of `job` on every rank of the initialised world (its
-    size must be the job's): per step, the slowest rank's time (CUDA events on the GPU, the wall
-    clock on the CPU) and the mean loss. bf16 on CUDA, float32 on the CPU unless `dtype`."""
+    """Run `warmup + steps` training steps of `job` on every rank of the initialised world (its
+    size must be the job's). Returns median_ms and all_ms over the timed steps, each the slowest
+    rank's (CUDA events on the GPU, the wall clock on the CPU), and loss: every step's mean loss
+    over the global batch, warm-up included. bf16 on CUDA, float32 on the CPU unless `dtype`."""
     problem = job_problem(job)
     if problem:
         raise ValueError(problem)
