@@ -186,7 +186,7 @@ def _record(labels, fn, measure: bool) -> tuple[list[Node], object]:
     with Recorder(group_labels=labels, measure=measure) as recorder:
         out = fn()
     if measure:
-        recorder.trace(ranks=[0])  # synchronizes and sets each node's measured duration
+        recorder.trace(ranks=[0])  # sets each node's measured duration
     return recorder.nodes, out
 
 
@@ -235,10 +235,9 @@ def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_b
                     optimizer_shards: int = 1, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                     measure: bool = False) -> GPTParts:
     """Trace the embedding, one layer and the head as tensor-parallel rank 0 of `tp`, on fake tensors
-    of `device` ("cuda" names the ops as a GPU runs them); with `measure`, on real CUDA tensors,
-    each compute op timed (collectives return at once: they are modelled, not measured)."""
-    if measure and device != "cuda":
-        raise ValueError(f"measure times each op on the GPU with CUDA events: it needs device='cuda', not {device!r}")
+    of `device` ("cuda" names the ops as a GPU runs them); with `measure`, on real tensors of
+    `device`, each compute op timed (echosim.trace.recorder; collectives return at once: they are
+    modelled, not measured)."""
     sp = sequence_parallel and tp > 1
     local_seq = cfg.seq // tp if sp else cfg.seq
     with fake_world(rank=0, mesh_shape={"tp": tp}, device=device) as mesh:

@@ -24,3 +24,13 @@ def test_rows_pair_measured_and_predicted_and_keep_failures(monkeypatch, capsys)
                                            "gpt-tiny tp3 pp1 dp1 sp mb2x4"]
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 4 and table[1].startswith("gpt-tiny tp2 pp2 dp1 sp 1f1b mb2x4")
+
+
+def test_measured_traces_time_every_compute_op_and_default_traces_none():
+    job = GPTJob(tp=2, pp=2, dp=1, **TINY)
+    for measure in (False, True):
+        for trace in validate.gpt_traces(job, measure=measure):  # on the CPU: each op's CPU time
+            durations = [n.duration_us for n in trace.nodes if not n.is_comm]
+            assert all((d is not None and d >= 0) if measure else d is None for d in durations)
+            assert not measure or sum(durations) > 0
+    assert validate.predicted_gpt_ms(job, load_cluster("dgx_h200"), measure=True) > 0
