@@ -111,10 +111,12 @@ def main() -> None:
         overlap = fit_overlap(json.loads((evidence / "overlap.json").read_text()))
         v = overlap.validation
         sections.append("## Overlap slowdown model (held-out kernels)\n\n"
-                        f"factors: `{json.dumps(overlap.factors)}`\n\n| model | median abs error % | mean abs error % |\n"
+                        f"terms (op class -> collective size -> [a, b] of a + b ln(us)): "
+                        f"`{json.dumps(overlap.terms)}`\n\n| model | median abs error % | mean abs error % |\n"
                         "|---|---:|---:|\n"
                         + "\n".join(f"| {name} | {v[f'median_abs_{key}']:.1f} | {v[f'mean_abs_{key}']:.1f} |"
-                                    for name, key in (("per (op class, collective)", "error_pct"),
+                                    for name, key in (("fitted: op class x size, ln(duration)", "error_pct"),
+                                                      ("median per (op class, collective)", "pair_error_pct"),
                                                       (f"constant {v['constant_factor']:.3f}", "constant_error_pct"),
                                                       ("no slowdown", "no_model_error_pct"))))
 

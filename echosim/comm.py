@@ -13,6 +13,9 @@ For a group of n ranks spread over m nodes, a buffer of S bytes, and each NCCL p
                                       each rank sends or receives, over that link's bandwidth
     send/recv                         a + L + S / B
 
+Each collective's bandwidth is further scaled by the cluster's measured `collective_bw`, keyed
+"<collective>@<GPUs>" (NCCL reaches e.g. a lower bus bandwidth in all-gather than in
+all-reduce on the same links, and in rings of 2 than of 4).
 L is the network latency whenever the group crosses nodes (a ring step ends when its slowest
 link does). Like NCCL's tuner, the model takes the fastest (algorithm, protocol): LL wins for
 small buffers, Simple for large. Bandwidths in GB/s are bytes per nanosecond, so S / (1e3 B)
@@ -74,14 +77,23 @@ class CommModel:
     def _nodes(self, members: list[int]) -> int:
         return len({self.node_of(r) for r in members})
 
-    def _bandwidth(self, proto: Protocol, crosses_nodes: bool) -> float:
+    def _bandwidth(self, proto: Protocol, crosses_nodes: bool, name: str, n: int) -> float:
         link = min(self.cluster.nvlink_GBps, self.nic_GBps) if crosses_nodes else self.cluster.nvlink_GBps
-        return proto.bw_fraction * link * 1e3  # bytes per microsecond
+        return proto.bw_fraction * self._bw_scale(name, n) * link * 1e3  # bytes per microsecond
+
+    def _bw_scale(self, name: str, n: int) -> float:
+        """The cluster's measured multiplier for `name` on the nearest measured group size at or
+        below n (else the smallest measured); 1 when the collective was not measured."""
+        sizes = {int(k.split("@")[1]): v for k, v in self.cluster.collective_bw.items() if k.split("@")[0] == name}
+        if not sizes:
+            return 1.0
+        below = [m for m in sizes if m <= n]
+        return sizes[max(below) if below else min(sizes)]
 
     def _time(self, call: CollectiveCall, algo: str, proto: Protocol) -> float:
         n, m = len(call.members), self._nodes(call.members)
         step = proto.net_step_us if m > 1 else proto.nvlink_step_us
-        bw = self._bandwidth(proto, m > 1)
+        bw = self._bandwidth(proto, m > 1, call.name, n)
         if algo == "tree":
             g = max(Counter(self.node_of(r) for r in call.members).values())
             hops = math.ceil(math.log2(m)) * proto.net_step_us + (g - 1) * proto.nvlink_step_us
@@ -97,7 +109,8 @@ class CommModel:
         """Slowest rank's transfer: NVLink and network traffic, in and out, each on its own link."""
         nodes = [self.node_of(r) for r in call.members]
         splits = call.split_bytes or [[call.bytes / len(nodes)] * len(nodes) for _ in nodes]
-        nvlink, net = self._bandwidth(proto, False), self._bandwidth(proto, True)
+        n = len(call.members)
+        nvlink, net = self._bandwidth(proto, False, call.name, n), self._bandwidth(proto, True, call.name, n)
         worst = 0.0
         for i in range(len(nodes)):
             out_local = sum(b for j, b in enumerate(splits[i]) if j != i and nodes[j] == nodes[i])

@@ -64,7 +64,8 @@ class Timeline:
 
 ComputeModel = Callable[[Node], float]
 CollectiveModel = Callable[[CollectiveCall], tuple[float, str]]
-OverlapModel = Callable[[Node, list[CollectiveCall]], float]  # slowdown (>= 1) of a node beside these calls
+OverlapModel = Callable[[Node, float, list[CollectiveCall]], float]  # slowdown (>= 1) of a node of this
+# isolated duration (us) beside these calls
 
 
 @dataclass(kw_only=True)
@@ -220,7 +221,8 @@ def _simulate(traces: list[Trace], compute_us: ComputeModel, collective_us: Coll
         for pos, job in active[rank].items():
             job.left = max(0.0, job.left - (time - job.since) / job.factor)
             job.since = time
-            job.factor = overlap(plan_of[rank].trace.nodes[pos], calls) if calls else 1.0
+            plan = plan_of[rank]
+            job.factor = overlap(plan.trace.nodes[pos], plan.duration[pos], calls) if calls else 1.0
             job.seq = next(order)
             heapq.heappush(heap, (time + job.left * job.factor, job.seq, rank, pos))
 
@@ -244,8 +246,9 @@ def _simulate(traces: list[Trace], compute_us: ComputeModel, collective_us: Coll
         node = plan_of[rank].trace.nodes[pos]
         if not node.is_comm:
             calls = running[rank]
-            factor = overlap(node, list(calls.values())) if overlap is not None and calls else 1.0
-            job = _Job(start=time, left=plan_of[rank].duration[pos], since=time, factor=factor, seq=next(order))
+            isolated = plan_of[rank].duration[pos]
+            factor = overlap(node, isolated, list(calls.values())) if overlap is not None and calls else 1.0
+            job = _Job(start=time, left=isolated, since=time, factor=factor, seq=next(order))
             active[rank][pos] = job
             heapq.heappush(heap, (time + job.left * factor, job.seq, rank, pos))
             return

@@ -1,19 +1,24 @@
 """How much slower compute kernels run while communication kernels share the GPU.
 
-The engine asks the model for a factor >= 1 for a compute node and the collectives running on
-its rank, and applies it exactly over the overlapped interval (echosim.engine.simulate).
+The engine asks the model for a factor >= 1 for a compute node, its isolated duration and the
+collectives running on its rank, and applies it exactly over the overlapped interval
+(echosim.engine.simulate).
 
     ConstantSlowdown(factor)      every kernel, every collective (1.0: no slowdown, the default)
-    FittedSlowdown                a factor per (op class, collective), fitted by
+    FittedSlowdown                per op class and collective size (below or above LARGE_BYTES):
+                                  factor = max(1, a + b * ln(isolated us)), fitted by
                                   `echosim calibrate --overlap` on 2+ GPUs (echosim.hw.calibrate_overlap);
                                   beside several collectives, the largest factor applies
 
-No factor in this repository is measured yet. For orientation only: Echo (arXiv 2412.12487)
-reports overlapped kernels 1.38x slower on average under DDP (GEMM 1.27x, element-wise 1.51x).
+Why those terms: NCCL's kernels hold some SMs and a share of HBM bandwidth for as long as they
+run. A kernel of one or two waves loses a whole wave to the missing SMs (short GEMMs measured
+up to 1.8x slower on H200), a long one only the SM share (about 1.1x); large collectives push
+more bytes per microsecond than small ones, and slow memory-bound kernels more.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,25 +26,38 @@ from echosim.engine import CollectiveCall
 from echosim.graph import Node
 from echosim.kernels import op_class
 
+LARGE_BYTES = 64 * 2**20  # collectives at least this large form the "large" size class
+
+
+def size_class(nbytes: float) -> str:
+    return "large" if nbytes >= LARGE_BYTES else "small"
+
 
 @dataclass(kw_only=True)
 class ConstantSlowdown:
     factor: float = 1.0
 
-    def __call__(self, node: Node, calls: list[CollectiveCall]) -> float:
+    def __call__(self, node: Node, isolated_us: float, calls: list[CollectiveCall]) -> float:
         return self.factor
 
 
 @dataclass(kw_only=True)
 class FittedSlowdown:
-    factors: dict[str, dict[str, float]]  # op class -> collective ("send_recv" for p2p) -> factor
+    terms: dict[str, dict[str, list[float]]]  # op class -> collective size class -> [a, b]
     default: float = 1.0  # for pairs that were not measured
     validation: dict = field(default_factory=dict)  # held-out errors, as the calibration reported them
     notes: str = ""
 
-    def __call__(self, node: Node, calls: list[CollectiveCall]) -> float:
-        row = self.factors.get(op_class(node.name), {})
-        return max(row.get(c.name, self.default) for c in calls)
+    def factor(self, cls: str, size: str, isolated_us: float) -> float:
+        term = self.terms.get(cls, {}).get(size)
+        if term is None:
+            return self.default
+        a, b = term
+        return max(1.0, a + b * math.log(max(isolated_us, 1.0)))
+
+    def __call__(self, node: Node, isolated_us: float, calls: list[CollectiveCall]) -> float:
+        cls = op_class(node.name)
+        return max(self.factor(cls, size_class(c.bytes), isolated_us) for c in calls)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")

@@ -49,6 +49,7 @@ class Cluster:
     nvlink_GBps: float  # per GPU, one direction, as NCCL achieves it (bus bandwidth)
     nic_Gbps: float  # per GPU network line rate
     protocols: dict[str, Protocol]
+    collective_bw: dict[str, float] = field(default_factory=dict)  # "all_gather@4" -> bandwidth multiplier
     measured: bool = False
     notes: str = ""
 

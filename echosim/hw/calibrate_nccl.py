@@ -8,7 +8,9 @@ job times all-gather, reduce-scatter, all-reduce, all-to-all, broadcast and send
 fitted, in relative least squares, to the ring model of echosim.comm:
 T = base + steps(n) * L + share(n) * S / B, giving base_us, nvlink_step_us and B; nvlink_GBps
 is Simple's B and bw_fraction = B / nvlink_GBps. A last sweep with NCCL's own choices is what
-`compare` judges the fitted model on, every collective included. Network parameters
+`compare` judges the fitted model on, every collective included. Bandwidth per collective:
+NCCL reaches different bus bandwidths in different collectives on the same links, so each
+gets a multiplier (collective_bw) from its large Simple samples. Network parameters
 (net_step_us, nic_Gbps) stay as the cluster file describes them.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ FITTED = ("all_gather", "reduce_scatter", "all_reduce")  # the ring formulas the
 SWEPT = FITTED + ("all_to_all", "broadcast", "send_recv")
 SIZES = [2**k for k in range(10, 31, 2)]  # 1 KiB .. 1 GiB
 SPIN_CYCLES_PER_CALL = 200_000  # ~100 us of GPU clock per queued call: longer than its launch from Python
+BW_FIT_BYTES = 16 * 2**20  # samples this large are bandwidth-bound
 DEFAULT = "default"  # NCCL's own choice of algorithm and protocol: the sweep the model is judged on
 
 
@@ -57,8 +60,20 @@ def fit_cluster(cluster: Cluster, samples_by_protocol: dict[str, list[dict]]) ->
     protocols |= {p: replace(cluster.protocols[p], base_us=base, nvlink_step_us=step, bw_fraction=gbps / nvlink)
                   for p, (base, step, gbps) in fits.items()}
     counts = sorted({s["n"] for v in samples_by_protocol.values() for s in v})
-    return replace(cluster, nvlink_GBps=nvlink, protocols=protocols, measured=True,
-                   notes=cluster.notes + f" NVLink parameters measured by echosim calibrate --nccl on {counts} GPUs.")
+    fitted = replace(cluster, nvlink_GBps=nvlink, protocols=protocols, measured=True, collective_bw={},
+                     notes=cluster.notes + f" NVLink parameters measured by echosim calibrate --nccl on {counts} GPUs.")
+    return replace(fitted, collective_bw=_collective_bw(fitted, samples_by_protocol["Simple"]))
+
+
+def _collective_bw(cluster: Cluster, simple: list[dict]) -> dict[str, float]:
+    """Per collective and group size ("all_gather@4"), the median of predicted / measured time of
+    its large (>= BW_FIT_BYTES) Simple-protocol samples: how much more (or less) bandwidth NCCL
+    gets in it than the shared fit."""
+    rows = compare(cluster, [s for s in simple if s["bytes"] >= BW_FIT_BYTES])
+    keys = sorted({(r["collective"], r["n"]) for r in rows})
+    return {f"{name}@{n}": float(np.median([r["predicted_us"] / r["us"] for r in rows
+                                            if (r["collective"], r["n"]) == (name, n)]))
+            for name, n in keys}
 
 
 def compare(cluster: Cluster, samples: list[dict]) -> list[dict]:

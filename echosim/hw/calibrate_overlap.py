@@ -6,10 +6,10 @@ A torchrun job (this module's `sweep`) times each kernel of KERNELS alone and th
 collective (all-reduce, all-gather, reduce-scatter, all-to-all; COLLECTIVE_SIZES) runs back
 to back on a second stream of every rank for the whole timed loop (CUDA events, median of
 `iters` after warm-up). The slowdown of a kernel is overlapped / isolated time. Kernels
-alternate between a fitting and a held-out set; the factor of an (op class, collective) pair
-is the median slowdown of its fitting kernels over both sizes. The report gives each held-out
-kernel's error in predicted overlapped time, beside two baselines: no slowdown, and one
-constant factor (the median over every fitting sample).
+alternate between a fitting and a held-out set; the model (echosim.overlap.FittedSlowdown) is
+fitted to the first. The report gives each held-out kernel's error in predicted overlapped
+time, beside three baselines: no slowdown, one constant factor (the median over every
+fitting sample) and a median factor per (op class, collective).
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from echosim.hw.calibrate_nccl import SPIN_CYCLES_PER_CALL, time_collective_us
-from echosim.overlap import FittedSlowdown
+from echosim.overlap import FittedSlowdown, size_class
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 COLLECTIVE_SIZES = (16 * 2**20, 256 * 2**20)
@@ -35,32 +37,39 @@ KERNELS = [  # (op class, op name, size): GEMMs (m = k = n), element-wise adds a
 
 
 def fit_overlap(samples: list[dict]) -> FittedSlowdown:
-    """Factors from samples {op_class, collective, kernel, isolated_us, overlapped_us, held_out}."""
-    ratio = [s["overlapped_us"] / s["isolated_us"] for s in samples if not s["held_out"]]
-    constant = statistics.median(ratio)
-    factors: dict[str, dict[str, float]] = {}
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for s in samples:
-        groups.setdefault((s["op_class"], s["collective"]), []).append(s)
-    errors = []
-    for (cls, coll), group in sorted(groups.items()):
-        factor = statistics.median(s["overlapped_us"] / s["isolated_us"] for s in group if not s["held_out"])
-        factors.setdefault(cls, {})[coll] = factor
-        for s in (s for s in group if s["held_out"]):
-            def error(predicted: float) -> float:
-                return 100 * (predicted - s["overlapped_us"]) / s["overlapped_us"]
-
-            errors.append({"op_class": cls, "collective": coll, "kernel": s["kernel"],
-                           "collective_bytes": s.get("collective_bytes"),
-                           "error_pct": error(s["isolated_us"] * factor),
-                           "constant_error_pct": error(s["isolated_us"] * constant),
-                           "no_model_error_pct": error(s["isolated_us"])})
-    validation = {"constant_factor": constant, "held_out": errors}
-    for key in ("error_pct", "constant_error_pct", "no_model_error_pct"):
+    """Terms from samples {op_class, collective, collective_bytes, kernel, isolated_us, overlapped_us,
+    held_out}: per op class and collective size class, least squares of the slowdown on
+    ln(isolated us) over the fitting kernels. Held-out kernels are scored against three
+    baselines: no slowdown, one constant factor, and a factor per (op class, collective)."""
+    fitting = [s for s in samples if not s["held_out"]]
+    terms: dict[str, dict[str, list[float]]] = {}
+    for cls, size in sorted({(s["op_class"], size_class(s["collective_bytes"])) for s in fitting}):
+        rows = [s for s in fitting if s["op_class"] == cls and size_class(s["collective_bytes"]) == size]
+        a = np.array([[1.0, math.log(s["isolated_us"])] for s in rows])
+        ratio = np.array([s["overlapped_us"] / s["isolated_us"] for s in rows])
+        terms.setdefault(cls, {})[size] = [float(c) for c in np.linalg.lstsq(a, ratio, rcond=None)[0]]
+    model = FittedSlowdown(terms=terms)
+    constant = statistics.median(s["overlapped_us"] / s["isolated_us"] for s in fitting)
+    per_pair = {}
+    for s in fitting:
+        per_pair.setdefault((s["op_class"], s["collective"]), []).append(s["overlapped_us"] / s["isolated_us"])
+    per_pair = {k: statistics.median(v) for k, v in per_pair.items()}
+    baselines = {"error_pct": lambda s: model.factor(s["op_class"], size_class(s["collective_bytes"]),
+                                                     s["isolated_us"]),
+                 "pair_error_pct": lambda s: per_pair[s["op_class"], s["collective"]],
+                 "constant_error_pct": lambda s: constant,
+                 "no_model_error_pct": lambda s: 1.0}
+    errors = [{"op_class": s["op_class"], "collective": s["collective"], "collective_bytes": s["collective_bytes"],
+               "kernel": s["kernel"],
+               **{key: 100 * (s["isolated_us"] * factor(s) - s["overlapped_us"]) / s["overlapped_us"]
+                  for key, factor in baselines.items()}}
+              for s in samples if s["held_out"]]
+    model.validation = {"constant_factor": constant, "held_out": errors}
+    for key in baselines:
         values = [abs(e[key]) for e in errors]
-        validation[f"median_abs_{key}"] = statistics.median(values) if values else None
-        validation[f"mean_abs_{key}"] = sum(values) / len(values) if values else None
-    return FittedSlowdown(factors=factors, validation=validation)
+        model.validation[f"median_abs_{key}"] = statistics.median(values) if values else None
+        model.validation[f"mean_abs_{key}"] = sum(values) / len(values) if values else None
+    return model
 
 
 def run_sweep(gpus: int) -> list[dict]:

@@ -82,3 +82,14 @@ def test_cluster_file_errors_are_clear(tmp_path):
     path.write_text('{"name": "x", "gpu": "h100", "gpus_per_node": 8, "nic_Gbps": 100, "protocols": {}}')
     with pytest.raises(ValueError, match=r"missing fields \['nvlink_GBps'\]"):
         load_cluster(path)
+
+
+def test_measured_collective_bandwidth_scales_by_nearest_group_size():
+    cluster = Cluster(name="toy", gpu="h100", gpus_per_node=8, nvlink_GBps=100, nic_Gbps=200,
+                      protocols={"Simple": SIMPLE}, collective_bw={"all_gather@2": 0.5, "all_gather@4": 0.8})
+    comm = CommModel(cluster)
+    transfer = 0.75 * 4e6 / 1e5  # ring all-gather of 4 MB over 4 ranks at full bandwidth: 30 us
+    assert comm(call("all_gather", range(4), 4e6))[0] == pytest.approx(10 + 3 + transfer / 0.8)
+    assert comm(call("all_gather", range(8), 8e6))[0] == pytest.approx(10 + 7 + 7 / 8 * 8e6 / 1e5 / 0.8)  # 4's
+    assert comm(call("all_gather", range(2), 4e6))[0] == pytest.approx(10 + 1 + 0.5 * 4e6 / 1e5 / 0.5)
+    assert comm(call("all_reduce", range(4), 4e6))[0] == pytest.approx(76)  # not measured: unscaled

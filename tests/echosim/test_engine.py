@@ -146,8 +146,8 @@ def test_overlap_slows_compute_exactly_while_a_collective_runs():
              comp(4, 10, deps=[1], stream="side2")]
     seen = []
 
-    def overlap(node, calls):
-        seen.append((node.name, tuple(c.name for c in calls)))
+    def overlap(node, isolated_us, calls):
+        seen.append((node.name, isolated_us, tuple(c.name for c in calls)))
         return 1.5
 
     tl = simulate([trace(nodes)], compute_us=None, collective_us=fixed(30), overlap=overlap)
@@ -155,6 +155,6 @@ def test_overlap_slows_compute_exactly_while_a_collective_runs():
                             "op4": (20, 35)}
     slowed = {s.name: s.args.get("slowdown") for s in tl.spans if s.kind == "COMP"}
     assert slowed == {"op0": pytest.approx(1.1), "op1": None, "op3": None, "op4": pytest.approx(1.5)}
-    assert set(seen) == {("op0", ("all_reduce",)), ("op4", ("all_reduce",))}
+    assert set(seen) == {("op0", 100, ("all_reduce",)), ("op4", 10, ("all_reduce",))}
     plain = simulate([trace(nodes)], compute_us=None, collective_us=fixed(30))
     assert spans_by(plain)["op0"] == (0, 100)

@@ -1,5 +1,6 @@
 """echosim sweep (divisibility, memory, ranking), the overlap models and their fit, the GPT CLI."""
 import json
+import math
 
 import pytest
 
@@ -59,24 +60,32 @@ def test_memory_counts_18_bytes_per_parameter_under_ddp_and_shards_under_fsdp():
         assert ddp[stage].activations_GB == pytest.approx(live * saved / 1e9)
 
 
-def test_fitted_overlap_model_uses_its_op_class_and_collective():
-    samples = [{"op_class": cls, "collective": coll, "kernel": f"k{i}", "isolated_us": 10.0 * (i + 1),
-                "overlapped_us": 10.0 * (i + 1) * factor * (1.02 if i % 2 else 1.0), "held_out": i % 2 == 1}
-               for cls, coll, factor in (("gemm", "all_reduce", 1.25), ("memory", "all_gather", 1.5))
-               for i in range(4)]
+def test_fitted_overlap_model_recovers_duration_and_size_terms():
+    # slowdown = a + b ln(t): gemm beside large collectives 2.0 - 0.1 ln t, memory beside small ones 1.2 + 0 ln t
+    truth = {("gemm", 256 * 2**20): (2.0, -0.1), ("memory", 16 * 2**20): (1.2, 0.0)}
+    samples = [{"op_class": cls, "collective": coll, "collective_bytes": nbytes, "kernel": f"k{i}",
+                "isolated_us": t, "overlapped_us": t * (a + b * math.log(t)) * (1.02 if i % 2 else 1.0),
+                "held_out": i % 2 == 1}
+               for (cls, nbytes), (a, b) in truth.items() for coll in ("all_reduce", "all_gather")
+               for i, t in enumerate((10.0, 100.0, 1000.0, 3000.0, 10000.0))]
     model = fit_overlap(samples)
-    assert model.factors == {"gemm": {"all_reduce": 1.25}, "memory": {"all_gather": 1.5}}
+    assert model.terms["gemm"]["large"] == pytest.approx([2.0, -0.1])
+    assert model.terms["memory"]["small"] == pytest.approx([1.2, 0.0], abs=1e-9)
     assert model.validation["median_abs_error_pct"] == pytest.approx(100 * (1 - 1 / 1.02))
+    assert model.validation["mean_abs_constant_error_pct"] > 2 * model.validation["mean_abs_error_pct"]
     mm = Node(id=0, kind="COMP", name="aten.mm", stream="compute", flops=1.0)
     add = Node(id=0, kind="COMP", name="aten.add", stream="compute", bytes=1.0)
-    ar, ag = (CollectiveCall(name=n, members=[0, 1], bytes=1.0) for n in ("all_reduce", "all_gather"))
-    assert (model(mm, [ar]), model(mm, [ag]), model(add, [ar, ag])) == (1.25, 1.0, 1.5)
+    big, small = (CollectiveCall(name="all_reduce", members=[0, 1], bytes=b) for b in (2**30, 2**20))
+    assert model(mm, 100.0, [big]) == pytest.approx(2.0 - 0.1 * math.log(100.0))
+    assert model(mm, 100.0, [small]) == 1.0  # not measured: the default
+    assert model(add, 50.0, [small, big]) == pytest.approx(1.2)  # the largest of its factors
+    assert model(mm, 1e9, [big]) == 1.0  # never faster than alone
 
 
 def test_overlap_spec_is_a_constant_or_a_file(tmp_path):
     assert load_overlap("1.0") is None and load_overlap("1.3") == ConstantSlowdown(factor=1.3)
-    FittedSlowdown(factors={"gemm": {"all_reduce": 1.2}}).save(tmp_path / "o.json")
-    assert load_overlap(str(tmp_path / "o.json")).factors == {"gemm": {"all_reduce": 1.2}}
+    FittedSlowdown(terms={"gemm": {"large": [1.2, 0.0]}}).save(tmp_path / "o.json")
+    assert load_overlap(str(tmp_path / "o.json")).terms == {"gemm": {"large": [1.2, 0.0]}}
 
 
 def test_cli_simulates_a_gpt_job_and_sweeps(tmp_path, capsys):
