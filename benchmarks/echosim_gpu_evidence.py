@@ -8,8 +8,11 @@ Stages, each on its own (a failure is logged in the folder and the next stage st
   traces   each (workload, GPU count) traced as its first rank under the fake process group on
            one GPU, every compute op timed (echosim trace --measure), four GPUs at once: traces/
   kernels  `echosim calibrate --kernels` sweeps (roofline efficiencies, launch cost): gpu_profile.json
-  nccl     `echosim calibrate --nccl` sweeps, forced protocols and NCCL's default, 2 and 4 GPUs: nccl.json
+  nccl     `echosim calibrate --nccl` sweeps (forced protocols, NCCL's default at the table's sizes
+           and at held-out sizes between them), 2 and 4 GPUs: nccl.json
   overlap  `echosim calibrate --overlap` sweep on 4 GPUs: overlap.json
+  gpt      real steps of echosim.validate_gpt's SUITE on 2 and 4 GPUs, and each job's stage traces
+           with every op timed on one GPU: gpt_steps.json, gpt_traces/
 
 `--smoke` rehearses steps, traces and nccl on CPU processes (gloo, tiny workloads, small buffers,
 nothing timed per op) before GPU time is spent: PYTHONPATH=. python benchmarks/echosim_gpu_evidence.py
@@ -27,6 +30,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from echosim.gpt3d import GPTJob
 from echosim.trace.dit import DiTWorkload
 
 COUNTS = (1, 2, 4)
@@ -44,6 +48,8 @@ WORKLOADS = [  # sizes, sequence lengths (16k and 32k tokens), dense and sparse,
 
 SMOKE_WORKLOADS = [DiTWorkload(preset="tiny", frames=4, height=16, width=16, dtype="float32"),
                    DiTWorkload(preset="tiny", frames=4, height=16, width=16, dtype="float32", cp_heads=2)]
+SMOKE_GPT = [GPTJob(model="gpt-tiny", tp=2, pp=1, dp=1, global_batch=4, micro_batch=2),
+             GPTJob(model="gpt-tiny", tp=1, pp=2, dp=1, global_batch=4, micro_batch=2)]
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
     COUNTS, WORKLOADS = (1, 2), SMOKE_WORKLOADS
@@ -93,6 +99,22 @@ def trace_worker(out: Path, worker: int, gpus: int) -> None:
         print(f"traced {workload} on {n} GPUs in {time.perf_counter() - began:.1f} s", flush=True)
 
 
+def stage_gpt(out: Path, steps: int) -> None:
+    """Real steps of validate_gpt's SUITE (one launch per world size), then each job's stage
+    traces with every op timed on this GPU."""
+    from echosim.gpt3d import gpt_traces
+    from echosim.gpt_run import measure_many
+    from echosim.validate_gpt import SUITE
+
+    jobs = SMOKE_GPT if SMOKE else SUITE
+    results = measure_many(jobs, steps, timeout_s=STEP_TIMEOUT_S)
+    (out / "gpt_steps.json").write_text(json.dumps([{"job": asdict(j), **r} for j, r in zip(jobs, results)], indent=1))
+    (out / "gpt_traces").mkdir(exist_ok=True)
+    for i, job in enumerate(jobs):
+        traces = gpt_traces(job, device="cpu" if SMOKE else "cuda", measure=True)
+        (out / "gpt_traces" / f"g{i}.json").write_text(json.dumps([t.to_json() for t in traces]))
+
+
 def stage_kernels(out: Path, gpu: str) -> None:
     from echosim.hw import load_gpu
     from echosim.hw.calibrate_kernels import calibrate_kernels
@@ -102,10 +124,10 @@ def stage_kernels(out: Path, gpu: str) -> None:
 
 def stage_nccl(out: Path, cluster: str) -> None:
     from echosim.hw import load_cluster
-    from echosim.hw.calibrate_nccl import DEFAULT, run_sweeps
+    from echosim.hw.calibrate_nccl import DEFAULT, calibration_sweeps, run_sweeps
 
-    protocols = [*sorted(load_cluster(cluster).protocols), DEFAULT]
-    sweeps = run_sweeps([2], [DEFAULT], sizes=[2**10, 2**16], iters=2) if SMOKE else run_sweeps([2, 4], protocols)
+    sweeps = (run_sweeps([2], [DEFAULT], sizes=[2**10, 2**16], iters=2) if SMOKE else
+              calibration_sweeps([2, 4], sorted(load_cluster(cluster).protocols)))
     (out / "nccl.json").write_text(json.dumps(sweeps))
 
 
@@ -122,7 +144,7 @@ def main() -> None:
     parser.add_argument("--cluster", default="dgx_h200", help="cluster whose protocols are swept")
     parser.add_argument("--gpus", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per real run, after 2 warm-up steps")
-    parser.add_argument("--stages", nargs="+", default=["steps", "traces", "kernels", "nccl", "overlap"])
+    parser.add_argument("--stages", nargs="+", default=["steps", "traces", "kernels", "nccl", "overlap", "gpt"])
     parser.add_argument("--smoke", action="store_true", help="rehearse on CPU: tiny workloads, small buffers")
     parser.add_argument("--trace-worker", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,7 +154,7 @@ def main() -> None:
         return trace_worker(out, args.trace_worker, args.gpus)
     stages = {"steps": lambda: stage_steps(out, args.steps), "traces": lambda: stage_traces(out, args.gpus),
               "kernels": lambda: stage_kernels(out, args.gpu), "nccl": lambda: stage_nccl(out, args.cluster),
-              "overlap": lambda: stage_overlap(out, args.gpus)}
+              "overlap": lambda: stage_overlap(out, args.gpus), "gpt": lambda: stage_gpt(out, args.steps)}
     timings = {}
     for name in args.stages:
         began = time.perf_counter()

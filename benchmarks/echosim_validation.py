@@ -21,7 +21,7 @@ from pathlib import Path
 from echosim.graph import Trace, trace_from_json
 from echosim.hw import HW_DIR, GpuProfile, load_cluster, load_gpu
 from echosim.hw.calibrate_kernels import database_from_nodes
-from echosim.hw.calibrate_nccl import DEFAULT, compare, fit_cluster, format_comparison
+from echosim.hw.calibrate_nccl import HELD_OUT, compare, fit_cluster, format_comparison
 from echosim.hw.calibrate_overlap import fit_overlap
 from echosim.simulate import predict
 from echosim.trace.dit import DiTWorkload
@@ -87,6 +87,28 @@ def format_steps(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_gpt(evidence: Path, cluster, overlap) -> list[dict]:
+    """validate_gpt's SUITE: measured steps vs the measured stage traces replayed as classes."""
+    from echosim.gpt3d import GPTJob
+    from echosim.validate_gpt import describe
+
+    out = []
+    for i, r in enumerate(json.loads((evidence / "gpt_steps.json").read_text())):
+        config = describe(GPTJob(**r["job"]))
+        path = evidence / "gpt_traces" / f"g{i}.json"
+        if "median_ms" not in r or not path.exists():
+            out.append({"config": config, "gpus": 0, "problem": (r.get("error") or "no trace").strip().splitlines()[-1]})
+            continue
+        traces = load_traces(path)
+        plain = predict(traces, cluster, as_classes=True).step_us / 1e3
+        slowed = predict(traces, cluster, as_classes=True, overlap=overlap).step_us / 1e3 if overlap else plain
+        real = r["median_ms"]
+        out.append({"config": config, "gpus": GPTJob(**r["job"]).world_size, "measured_ms": real,
+                    "predicted_ms": plain, "error_pct": 100 * (plain - real) / real,
+                    "predicted_overlap_ms": slowed, "error_overlap_pct": 100 * (slowed - real) / real})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--evidence", required=True, help="folder written by echosim_gpu_evidence.py")
@@ -103,8 +125,9 @@ def main() -> None:
     if nccl_path.exists():
         samples = json.loads(nccl_path.read_text())
         cluster = fit_cluster(seed, samples) if "Simple" in samples else seed
-        sections.append("## Collectives (NCCL's default choices) vs the fitted model\n\n```\n"
-                        + format_comparison(compare(cluster, samples[DEFAULT])) + "\n```")
+        if HELD_OUT in samples:
+            sections.append("## Collectives: NCCL's defaults at held-out sizes (another run) vs the model\n\n```\n"
+                            + format_comparison(compare(cluster, samples[HELD_OUT])) + "\n```")
 
     overlap = None
     if (evidence / "overlap.json").exists():
@@ -130,6 +153,9 @@ def main() -> None:
             overlap.save(HW_DIR / f"overlap_{cluster.gpu}.json")
     steps = compare_steps(rows, cluster, overlap)
     sections.insert(0, "## DiT step time: measured vs predicted\n\n" + format_steps(steps))
+    if (evidence / "gpt_steps.json").exists():
+        sections.insert(1, "## GPT step time: measured vs predicted\n\n"
+                        + format_steps(compare_gpt(evidence, cluster, overlap)))
     text = "\n\n".join(sections)
     print(text)
     if args.report:

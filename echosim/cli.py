@@ -113,15 +113,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         profile = calibrate_kernels(load_gpu(args.gpu), database)
         _write(HW_DIR / f"{args.gpu}.json", asdict(profile))
     if args.nccl:
-        from echosim.hw.calibrate_nccl import DEFAULT, compare, fit_cluster, format_comparison, run_sweeps
+        from echosim.hw.calibrate_nccl import HELD_OUT, calibration_sweeps, compare, fit_cluster, format_comparison
 
         cluster = load_cluster(args.cluster)
         samples = (json.loads(Path(args.from_samples).read_text()) if args.from_samples else
-                   run_sweeps(args.gpus, [*sorted(cluster.protocols), DEFAULT]))
+                   calibration_sweeps(args.gpus, sorted(cluster.protocols)))
         _save_samples(args, samples)
         fitted = fit_cluster(cluster, samples)
         _write(HW_DIR / f"{args.cluster}.json", asdict(fitted))
-        print(format_comparison(compare(fitted, samples[DEFAULT])))
+        print(format_comparison(compare(fitted, samples[HELD_OUT])))
     if args.overlap:
         from echosim.hw.calibrate_overlap import fit_overlap, run_sweep
 

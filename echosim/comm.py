@@ -13,7 +13,10 @@ For a group of n ranks spread over m nodes, a buffer of S bytes, and each NCCL p
                                       each rank sends or receives, over that link's bandwidth
     send/recv                         a + L + S / B
 
-Each collective's bandwidth is further scaled by the cluster's measured `collective_bw`, keyed
+Inside one node, where the cluster holds a measured table of NCCL's default times for the
+collective on that many GPUs (`echosim calibrate --nccl`), the table answers (log-log
+interpolation). Elsewhere the formulas do; each collective's bandwidth is scaled by the
+cluster's measured `collective_bw`, keyed
 "<collective>@<GPUs>" (NCCL reaches e.g. a lower bus bandwidth in all-gather than in
 all-reduce on the same links, and in rings of 2 than of 4).
 L is the network latency whenever the group crosses nodes (a ring step ends when its slowest
@@ -23,6 +26,7 @@ is in microseconds.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 
@@ -37,6 +41,21 @@ RING_FACTORS = {  # collective -> (steps, bytes moved per rank as a multiple of 
     "broadcast": (lambda n: n - 1, lambda n: 1.0),
     "reduce": (lambda n: n - 1, lambda n: 1.0),
 }
+
+
+def interpolate(table: list[list[float]], nbytes: float) -> float:
+    """Time of `nbytes` from a measured [[bytes, us], ...] table: log-log between points, the
+    smallest point's time below them, the last segment's bandwidth beyond them."""
+    sizes = [b for b, _ in table]
+    if nbytes <= sizes[0]:
+        return table[0][1]
+    (b0, t0), (b1, t1) = table[-2], table[-1]
+    if nbytes >= b1:
+        return t1 + (nbytes - b1) * (t1 - t0) / (b1 - b0)
+    i = bisect.bisect_right(sizes, nbytes)
+    (b0, t0), (b1, t1) = table[i - 1], table[i]
+    w = math.log(nbytes / b0) / math.log(b1 / b0)
+    return math.exp((1 - w) * math.log(t0) + w * math.log(t1))
 
 
 class CommModel:
@@ -56,6 +75,9 @@ class CommModel:
             return 0.0, "local"
         if call.split_bytes is not None:
             return self._fastest(call)
+        table = self.cluster.tables.get(f"{call.name}@{len(call.members)}")
+        if table and self._nodes(call.members) == 1:
+            return interpolate(table, call.bytes), "measured"
         key = (call.name, call.bytes, tuple(call.members))
         if key not in self._seen:
             self._seen[key] = self._fastest(call)

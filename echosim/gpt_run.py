@@ -413,10 +413,11 @@ def main(argv: list[str] | None = None) -> None:
     dist.destroy_process_group()
 
 
-def measure_many(jobs: list[GPTJob], steps: int, *, warmup: int = 3, device: str | None = None) -> list[dict]:
+def measure_many(jobs: list[GPTJob], steps: int, *, warmup: int = 3, device: str | None = None,
+                 timeout_s: float | None = None) -> list[dict]:
     """Measure each job (results in the order given): one torchrun launch per world size, all its
     jobs in turn. A job that fails (say, out of memory) gets {"error": ...} and the launch is
-    restarted with the jobs after it (a hang ends at the process group's timeout, NCCL's watchdog)."""
+    restarted with the jobs after it (a hang ends at `timeout_s` per launch, else at NCCL's watchdog)."""
     results: list[dict | None] = [None] * len(jobs)
     for world in sorted({job.world_size for job in jobs}):
         todo = [i for i, job in enumerate(jobs) if job.world_size == world]
@@ -426,7 +427,10 @@ def measure_many(jobs: list[GPTJob], steps: int, *, warmup: int = 3, device: str
                 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                            "-m", "echosim.gpt_run", json.dumps([asdict(jobs[i]) for i in todo]), str(steps), str(out),
                            f"--warmup={warmup}", f"--device={device or default_device()}"]
-                failed = subprocess.run(command).returncode != 0
+                try:
+                    failed = subprocess.run(command, timeout=timeout_s).returncode != 0
+                except subprocess.TimeoutExpired:
+                    failed = True
                 done = json.loads(out.read_text()) if out.exists() else []
                 errors = sorted(Path(tmp).glob("results.json.rank*.error"), key=lambda f: f.stat().st_mtime)
                 reason = errors[0].read_text() if errors else "the torchrun launch failed (see its output above)"

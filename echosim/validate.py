@@ -29,11 +29,15 @@ from echosim.trace.dit import DiTWorkload
 WARMUP_STEPS = 2
 
 
+IN_SITU_STEPS = 3
+
+
 def workload_traces(workload: DiTWorkload, world_size: int, *, measure: bool) -> list[Trace]:
-    """One trace per role; with `measure`, on this GPU with every compute op timed."""
+    """One trace per role; with `measure`, on this GPU with every compute op timed and scaled to
+    the rank's full-speed step under the fake process group (trace_roles' in_situ_steps)."""
     return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(world_size),
                        roles=workload.roles(world_size), device="cuda" if measure else "cpu",
-                       fake_tensors=not measure, measure=measure,
+                       fake_tensors=not measure, measure=measure, in_situ_steps=IN_SITU_STEPS if measure else 0,
                        meta={"workload": "dit", **asdict(workload), "fsdp": world_size})
 
 

@@ -50,6 +50,7 @@ class Cluster:
     nic_Gbps: float  # per GPU network line rate
     protocols: dict[str, Protocol]
     collective_bw: dict[str, float] = field(default_factory=dict)  # "all_gather@4" -> bandwidth multiplier
+    tables: dict[str, list[list[float]]] = field(default_factory=dict)  # "all_gather@4" -> [[bytes, us], ...]
     measured: bool = False
     notes: str = ""
 

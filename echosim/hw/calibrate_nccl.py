@@ -7,8 +7,9 @@ job times all-gather, reduce-scatter, all-reduce, all-to-all, broadcast and send
 1 KiB to 1 GiB (this module's `sweep`, run by torchrun). Each protocol's ring collectives are
 fitted, in relative least squares, to the ring model of echosim.comm:
 T = base + steps(n) * L + share(n) * S / B, giving base_us, nvlink_step_us and B; nvlink_GBps
-is Simple's B and bw_fraction = B / nvlink_GBps. A last sweep with NCCL's own choices is what
-`compare` judges the fitted model on, every collective included. Bandwidth per collective:
+is Simple's B and bw_fraction = B / nvlink_GBps. A sweep with NCCL's own choices at every power
+of two becomes the cluster's tables (what NCCL's tuner really does inside a node); another at
+the sizes halfway between is what `compare` judges the fitted model on, every collective included. Bandwidth per collective:
 NCCL reaches different bus bandwidths in different collectives on the same links, so each
 gets a multiplier (collective_bw) from its large Simple samples. Network parameters
 (net_step_us, nic_Gbps) stay as the cluster file describes them.
@@ -35,7 +36,10 @@ SWEPT = FITTED + ("all_to_all", "broadcast", "send_recv")
 SIZES = [2**k for k in range(10, 31, 2)]  # 1 KiB .. 1 GiB
 SPIN_CYCLES_PER_CALL = 200_000  # ~100 us of GPU clock per queued call: longer than its launch from Python
 BW_FIT_BYTES = 16 * 2**20  # samples this large are bandwidth-bound
-DEFAULT = "default"  # NCCL's own choice of algorithm and protocol: the sweep the model is judged on
+DEFAULT = "default"  # NCCL's own choice of algorithm and protocol: the sweep the tables hold
+HELD_OUT = "held_out"  # NCCL's default again, another run, at sizes between the table's: what the model is judged on
+TABLE_SIZES = [2**k for k in range(10, 31)]  # 1 KiB .. 1 GiB, every power of two
+HELD_OUT_SIZES = [512 * round(2 ** (k + 0.5) / 512) for k in range(10, 30)]  # halfway, in log, between them
 
 
 def fit_ring(samples: list[dict]) -> tuple[float, float, float]:
@@ -53,8 +57,10 @@ def fit_ring(samples: list[dict]) -> tuple[float, float, float]:
 
 
 def fit_cluster(cluster: Cluster, samples_by_protocol: dict[str, list[dict]]) -> Cluster:
-    """The cluster with NVLink bandwidth and each protocol's base/step latency and share measured."""
-    fits = {p: fit_ring(s) for p, s in samples_by_protocol.items() if p != DEFAULT}
+    """The cluster with NVLink bandwidth and each protocol's base/step latency and share measured
+    (forced-protocol sweeps), per-collective bandwidth multipliers (Simple's large samples) and
+    NCCL's default times as tables (the DEFAULT sweep)."""
+    fits = {p: fit_ring(s) for p, s in samples_by_protocol.items() if p not in (DEFAULT, HELD_OUT)}
     nvlink = fits["Simple"][2]
     protocols = dict(cluster.protocols)  # protocols that were not swept keep their values
     protocols |= {p: replace(cluster.protocols[p], base_us=base, nvlink_step_us=step, bw_fraction=gbps / nvlink)
@@ -62,7 +68,21 @@ def fit_cluster(cluster: Cluster, samples_by_protocol: dict[str, list[dict]]) ->
     counts = sorted({s["n"] for v in samples_by_protocol.values() for s in v})
     fitted = replace(cluster, nvlink_GBps=nvlink, protocols=protocols, measured=True, collective_bw={},
                      notes=cluster.notes + f" NVLink parameters measured by echosim calibrate --nccl on {counts} GPUs.")
-    return replace(fitted, collective_bw=_collective_bw(fitted, samples_by_protocol["Simple"]))
+    return replace(fitted, collective_bw=_collective_bw(fitted, samples_by_protocol["Simple"]),
+                   tables=tables(samples_by_protocol.get(DEFAULT, [])))
+
+
+def tables(samples: list[dict]) -> dict[str, list[list[float]]]:
+    """"<collective>@<group size>" -> [[bytes, us], ...] ascending (send/recv: a group of 2, from
+    the 2-GPU sweep where there is one)."""
+    out: dict[str, list[list[float]]] = {}
+    for s in samples:
+        group = 2 if s["collective"] == "send_recv" else s["n"]
+        out.setdefault(f"{s['collective']}@{group}@{s['n']}", []).append([float(s["bytes"]), float(s["us"])])
+    merged: dict[str, list[list[float]]] = {}
+    for key in sorted(out, key=lambda k: int(k.split("@")[2])):  # smallest world first: it wins
+        merged.setdefault(key.rsplit("@", 1)[0], sorted(out[key]))
+    return merged
 
 
 def _collective_bw(cluster: Cluster, simple: list[dict]) -> dict[str, float]:
@@ -117,6 +137,15 @@ def run_sweeps(gpu_counts: list[int], protocols: list[str], *, sizes: list[int] 
                                check=True, env={**os.environ, **forced})
                 out[proto] += json.loads(Path(f.name).read_text())
     return out
+
+
+def calibration_sweeps(gpu_counts: list[int], protocols: list[str]) -> dict[str, list[dict]]:
+    """Every sweep `fit_cluster` and `compare` need: each forced protocol at SIZES, NCCL's default
+    at TABLE_SIZES (the tables) and, in another run, at HELD_OUT_SIZES (the judge)."""
+    samples = run_sweeps(gpu_counts, protocols)
+    samples |= run_sweeps(gpu_counts, [DEFAULT], sizes=TABLE_SIZES)
+    samples[HELD_OUT] = run_sweeps(gpu_counts, [DEFAULT], sizes=HELD_OUT_SIZES)[DEFAULT]
+    return samples
 
 
 def sweep(out_path: str, sizes: list[int], iters: int, warmup: int = 5) -> None:

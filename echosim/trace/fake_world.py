@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+import statistics
+import time
 from math import prod
 
 import torch.distributed as dist
@@ -11,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from echosim.engine import simulate
 from echosim.graph import Trace, validate
 from echosim.trace.recorder import Recorder
 
@@ -41,12 +44,14 @@ def mesh_groups(mesh: DeviceMesh) -> dict[str, tuple[str, list[list[int]]]]:
 
 def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: list[list[int]],
                 device: str = "cpu", fake_tensors: bool = True, measure: bool = False, warmup_steps: int = 1,
-                meta: dict | None = None) -> list[Trace]:
+                in_situ_steps: int = 0, meta: dict | None = None) -> list[Trace]:
     """One validated Trace per role (a list of ranks doing identical work), recorded as the role's
     first rank after `warmup_steps` steps (FSDP2 and optimizers initialise lazily on the first).
     `make_step(mesh)` builds the model and returns the step; with `fake_tensors` it runs under
     FakeTensorMode, so nothing is allocated or computed and durations come from the kernel model.
-    A step may carry `meshes`, further DeviceMeshes it built, whose groups are named like the mesh's."""
+    A step may carry `meshes`, further DeviceMeshes it built, whose groups are named like the mesh's.
+    With `measure` and `in_situ_steps`, that many steps also run at full speed (no recorder) and
+    the measured durations are scaled to their median time (`scale_to_in_situ`)."""
     traces = []
     for ranks in roles:
         with fake_world(rank=ranks[0], mesh_shape=mesh_shape, device=device) as mesh:
@@ -57,10 +62,42 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
                     labels.update(mesh_groups(extra))
                 for _ in range(warmup_steps):
                     step()
+                in_situ_us = time_steps_us(step, in_situ_steps) if measure and in_situ_steps else None
                 with Recorder(group_labels=labels, measure=measure) as recorder:
                     step()
             trace = recorder.trace(ranks=list(ranks), meta={**(meta or {}), "traced_rank": ranks[0],
                                                             "mesh": mesh_shape})
         validate(trace, source=f"trace of rank {ranks[0]}")
+        if in_situ_us is not None:
+            scale_to_in_situ(trace, in_situ_us)
         traces.append(trace)
     return traces
+
+
+def time_steps_us(step: Callable[[], None], steps: int) -> float:
+    """Median wall time of `steps` full-speed steps (synchronised around each), microseconds."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(steps):
+        sync()
+        began = time.perf_counter()
+        step()
+        sync()
+        times.append(1e6 * (time.perf_counter() - began))
+    return statistics.median(times)
+
+
+def scale_to_in_situ(trace: Trace, in_situ_us: float) -> None:
+    """Scale every measured compute duration by in-situ step / the trace's own replay with free
+    collectives. Kernel times profiled one op at a time miss what a full-speed step adds: GPU
+    idle between kernels the host launches late, clocks that drop under sustained load. The
+    tracing GPU's own full-speed step of the same rank (collectives return at once under the
+    fake process group) carries both; the factor spreads them over the ops."""
+    free = simulate([trace], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
+    factor = in_situ_us / free
+    for node in trace.nodes:
+        if node.kind == "COMP" and node.duration_us is not None:
+            node.duration_us *= factor
+    trace.meta.update(in_situ_step_us=in_situ_us, replay_step_us=free, in_situ_scale=factor)

@@ -93,3 +93,21 @@ def test_measured_collective_bandwidth_scales_by_nearest_group_size():
     assert comm(call("all_gather", range(8), 8e6))[0] == pytest.approx(10 + 7 + 7 / 8 * 8e6 / 1e5 / 0.8)  # 4's
     assert comm(call("all_gather", range(2), 4e6))[0] == pytest.approx(10 + 1 + 0.5 * 4e6 / 1e5 / 0.5)
     assert comm(call("all_reduce", range(4), 4e6))[0] == pytest.approx(76)  # not measured: unscaled
+
+
+def test_measured_tables_answer_inside_a_node_and_interpolate_in_log_log():
+    from echosim.hw.calibrate_nccl import tables
+
+    samples = [{"collective": "all_gather", "n": 4, "bytes": b, "us": t} for b, t in ((1e3, 10.0), (1e6, 40.0),
+                                                                                      (1e9, 4000.0))]
+    samples += [{"collective": "send_recv", "n": n, "bytes": 1e6, "us": t} for n, t in ((4, 99.0), (2, 20.0))]
+    cluster = Cluster(name="toy", gpu="h100", gpus_per_node=4, nvlink_GBps=100, nic_Gbps=200,
+                      protocols={"Simple": SIMPLE}, tables=tables(samples))
+    assert cluster.tables["send_recv@2"] == [[1e6, 20.0]]  # the 2-GPU sweep's own pair wins
+    comm = CommModel(cluster)
+    assert comm(call("all_gather", range(4), 1e6)) == (pytest.approx(40.0), "measured")
+    assert comm(call("all_gather", range(4), 10 ** 4.5))[0] == pytest.approx(10 * 4 ** 0.5)  # halfway in log
+    assert comm(call("all_gather", range(4), 10.0))[0] == 10.0  # latency floor below the table
+    assert comm(call("all_gather", range(4), 2e9))[0] == pytest.approx(4000 + 1e9 * 3960 / (1e9 - 1e6))
+    assert comm(call("all_gather", [2, 3, 4, 5], 1e6))[1] == "ring/Simple"  # spans two nodes: the formulas
+    assert comm(call("all_gather", range(2), 1e6))[1] == "ring/Simple"  # no table for 2 GPUs

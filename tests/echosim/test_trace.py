@@ -166,3 +166,18 @@ def test_measured_cuda_node_is_its_kernel_time():
                           measure=True)
     [mm] = [n for n in trace.nodes if n.name == "aten.mm"]
     assert mm.duration_us == pytest.approx(time_us(lambda: a @ a), rel=0.15)
+
+
+def test_in_situ_scaling_makes_the_free_replay_last_the_full_speed_step():
+    from echosim.engine import simulate
+
+    def make_step(mesh):
+        a = torch.randn(192, 192)
+        return lambda: (a @ a).relu().sum()
+
+    [trace] = trace_roles(make_step, mesh_shape={"dp": 1}, roles=[[0]], fake_tensors=False, measure=True,
+                          in_situ_steps=3)
+    meta = trace.meta
+    assert meta["in_situ_scale"] == pytest.approx(meta["in_situ_step_us"] / meta["replay_step_us"])
+    replay = simulate([trace], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
+    assert replay == pytest.approx(meta["in_situ_step_us"])
