@@ -17,8 +17,10 @@ gets a multiplier (collective_bw) from its large Simple samples. Network paramet
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -81,8 +83,17 @@ def tables(samples: list[dict]) -> dict[str, list[list[float]]]:
         out.setdefault(f"{s['collective']}@{group}@{s['n']}", []).append([float(s["bytes"]), float(s["us"])])
     merged: dict[str, list[list[float]]] = {}
     for key in sorted(out, key=lambda k: int(k.split("@")[2])):  # smallest world first: it wins
-        merged.setdefault(key.rsplit("@", 1)[0], sorted(out[key]))
+        merged.setdefault(key.rsplit("@", 1)[0], _monotone(sorted(out[key])))
     return merged
+
+
+def _monotone(points: list[list[float]]) -> list[list[float]]:
+    """A larger buffer never takes less time: a point above a later one was a stall; take the later."""
+    out, floor = [], math.inf
+    for size, us in reversed(points):
+        floor = min(floor, us)
+        out.append([size, floor])
+    return out[::-1]
 
 
 def _collective_bw(cluster: Cluster, simple: list[dict]) -> dict[str, float]:
@@ -181,29 +192,34 @@ def sweep(out_path: str, sizes: list[int], iters: int, warmup: int = 5) -> None:
     dist.destroy_process_group()
 
 
-def time_collective_us(call, iters: int, warmup: int, cuda: bool) -> float:
-    """Mean time of back-to-back calls, all ranks starting together. On GPUs the calls are all
-    queued behind a spin kernel first, so the events time NCCL's kernels, not Python's launches."""
+def time_collective_us(call, iters: int, warmup: int, cuda: bool, repeats: int = 3) -> float:
+    """Mean time of back-to-back calls, all ranks starting together; the median of `repeats`
+    such loops, so one stalled loop does not count. On GPUs the calls are all queued behind a
+    spin kernel first, so the events time NCCL's kernels, not Python's launches."""
     import torch
     import torch.distributed as dist
 
     for _ in range(warmup):
         call()
-    dist.barrier()
-    if not cuda:
-        began = time.perf_counter()
+    loops = []
+    for _ in range(repeats):
+        dist.barrier()
+        if not cuda:
+            began = time.perf_counter()
+            for _ in range(iters):
+                call()
+            loops.append(1e6 * (time.perf_counter() - began) / iters)
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SPIN_CYCLES_PER_CALL * iters)
+        start.record()
         for _ in range(iters):
-            call()
-        return 1e6 * (time.perf_counter() - began) / iters
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(SPIN_CYCLES_PER_CALL * iters)
-    start.record()
-    for _ in range(iters):
-        call()  # synchronous calls make the current stream wait for NCCL's, without blocking the host
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+            call()  # synchronous calls make the current stream wait for NCCL's, without blocking the host
+        end.record()
+        torch.cuda.synchronize()
+        loops.append(start.elapsed_time(end) * 1e3 / iters)
+    return statistics.median(loops)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ import statistics
 import time
 from math import prod
 
+import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from echosim.engine import simulate
@@ -56,7 +58,8 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
     for ranks in roles:
         with fake_world(rank=ranks[0], mesh_shape=mesh_shape, device=device) as mesh:
             labels = mesh_groups(mesh)
-            with FakeTensorMode(allow_non_fake_inputs=True) if fake_tensors else nullcontext():
+            data_mode = PlausibleCollectives() if measure and not fake_tensors else nullcontext()
+            with FakeTensorMode(allow_non_fake_inputs=True) if fake_tensors else data_mode:
                 step = make_step(mesh)
                 for extra in getattr(step, "meshes", ()):
                     labels.update(mesh_groups(extra))
@@ -76,8 +79,6 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
 
 def time_steps_us(step: Callable[[], None], steps: int) -> float:
     """Median wall time of `steps` full-speed steps (synchronised around each), microseconds."""
-    import torch
-
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(steps):
@@ -101,3 +102,30 @@ def scale_to_in_situ(trace: Trace, in_situ_us: float) -> None:
         if node.kind == "COMP" and node.duration_us is not None:
             node.duration_us *= factor
     trace.meta.update(in_situ_step_us=in_situ_us, replay_step_us=free, in_situ_scale=factor)
+
+
+class PlausibleCollectives(TorchDispatchMode):
+    """Give collectives under the fake process group outputs that look like real ones.
+
+    The fake group returns at once and leaves outputs as allocated: stale or zero memory. GPU
+    kernels run faster on such data (less switching, less power, higher clocks: measured here, a
+    1.3B DiT's attention backward ran 12% faster on the weights a fake all-gather left), so when
+    compute is timed on a real GPU each gather's output gets copies of this rank's input, each
+    reduce-scatter's output this rank's slice of its input, each even all-to-all its input. The
+    copies are not recorded; their GPU time (a memory copy per gather) stays in the step."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func._overloadpacket)
+        with torch.no_grad():
+            if name in ("c10d._allgather_base_", "_c10d_functional.all_gather_into_tensor"):
+                gathered, shard = (args[0], args[1]) if name.startswith("c10d") else (out, args[0])
+                gathered.view(-1, shard.numel()).copy_(shard.reshape(1, -1))
+            elif name in ("c10d._reduce_scatter_base_", "_c10d_functional.reduce_scatter_tensor"):
+                shard, full = (args[0], args[1]) if name.startswith("c10d") else (out, args[0])
+                shard.copy_(full.reshape(-1, shard.numel())[0].view_as(shard))
+            elif name in ("c10d.alltoall_base_", "_c10d_functional.all_to_all_single"):
+                received, sent = (args[0], args[1]) if name.startswith("c10d") else (out, args[0])
+                if received.shape == sent.shape:
+                    received.copy_(sent)
+        return out

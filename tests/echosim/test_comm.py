@@ -111,3 +111,11 @@ def test_measured_tables_answer_inside_a_node_and_interpolate_in_log_log():
     assert comm(call("all_gather", range(4), 2e9))[0] == pytest.approx(4000 + 1e9 * 3960 / (1e9 - 1e6))
     assert comm(call("all_gather", [2, 3, 4, 5], 1e6))[1] == "ring/Simple"  # spans two nodes: the formulas
     assert comm(call("all_gather", range(2), 1e6))[1] == "ring/Simple"  # no table for 2 GPUs
+
+
+def test_tables_drop_stalled_points():
+    from echosim.hw.calibrate_nccl import tables
+
+    samples = [{"collective": "all_reduce", "n": 2, "bytes": b, "us": t}
+               for b, t in ((1e3, 6.0), (1e6, 300.0), (2e6, 40.0), (4e6, 60.0))]
+    assert tables(samples)["all_reduce@2"] == [[1e3, 6.0], [1e6, 40.0], [2e6, 40.0], [4e6, 60.0]]
