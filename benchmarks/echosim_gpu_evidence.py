@@ -11,11 +11,11 @@ Stages, each on its own (a failure is logged in the folder and the next stage st
   nccl     `echosim calibrate --nccl` sweeps (forced protocols, NCCL's default at the table's sizes
            and at held-out sizes between them), 2 and 4 GPUs: nccl.json
   overlap  `echosim calibrate --overlap` sweep on 4 GPUs: overlap.json
-  gpt      real steps of echosim.validate_gpt's SUITE on 2 and 4 GPUs, and each job's stage traces
-           with every op timed on one GPU: gpt_steps.json, gpt_traces/
+  gpt      real steps of echosim.validate_gpt's SUITE on 2 and 4 GPUs: gpt_steps.json
+  gpt_traces  each SUITE job's stage traces, every op timed on one GPU: gpt_traces/
 
 `--smoke` rehearses steps, traces and nccl on CPU processes (gloo, tiny workloads, small buffers,
-nothing timed per op) before GPU time is spent: PYTHONPATH=. python benchmarks/echosim_gpu_evidence.py
+ops timed on the CPU) before GPU time is spent: PYTHONPATH=. python benchmarks/echosim_gpu_evidence.py
 --out /tmp/ev --gpus 2 --smoke --stages steps traces nccl
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def trace_worker(out: Path, worker: int, gpus: int) -> None:
     for n, workload in points()[worker::gpus]:
         began = time.perf_counter()
         try:
-            traces = workload_traces(workload, n, measure=not SMOKE)
+            traces = workload_traces(workload, n, measure=True)
             (out / "traces" / trace_name(n, WORKLOADS.index(workload))).write_text(
                 json.dumps([t.to_json() for t in traces]))
         except Exception:  # noqa: BLE001 - record it, trace the other points
@@ -100,15 +100,20 @@ def trace_worker(out: Path, worker: int, gpus: int) -> None:
 
 
 def stage_gpt(out: Path, steps: int) -> None:
-    """Real steps of validate_gpt's SUITE (one launch per world size), then each job's stage
-    traces with every op timed on this GPU."""
-    from echosim.gpt3d import gpt_traces
+    """Real steps of validate_gpt's SUITE (one launch per world size)."""
     from echosim.gpt_run import measure_many
     from echosim.validate_gpt import SUITE
 
     jobs = SMOKE_GPT if SMOKE else SUITE
     results = measure_many(jobs, steps, timeout_s=STEP_TIMEOUT_S)
     (out / "gpt_steps.json").write_text(json.dumps([{"job": asdict(j), **r} for j, r in zip(jobs, results)], indent=1))
+
+
+def stage_gpt_traces(out: Path) -> None:
+    from echosim.gpt3d import gpt_traces
+    from echosim.validate_gpt import SUITE
+
+    jobs = SMOKE_GPT if SMOKE else SUITE
     (out / "gpt_traces").mkdir(exist_ok=True)
     for i, job in enumerate(jobs):
         traces = gpt_traces(job, device="cpu" if SMOKE else "cuda", measure=True)
@@ -144,7 +149,7 @@ def main() -> None:
     parser.add_argument("--cluster", default="dgx_h200", help="cluster whose protocols are swept")
     parser.add_argument("--gpus", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per real run, after 2 warm-up steps")
-    parser.add_argument("--stages", nargs="+", default=["steps", "traces", "kernels", "nccl", "overlap", "gpt"])
+    parser.add_argument("--stages", nargs="+", default=["steps", "traces", "kernels", "nccl", "overlap", "gpt", "gpt_traces"])
     parser.add_argument("--smoke", action="store_true", help="rehearse on CPU: tiny workloads, small buffers")
     parser.add_argument("--trace-worker", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,7 +159,8 @@ def main() -> None:
         return trace_worker(out, args.trace_worker, args.gpus)
     stages = {"steps": lambda: stage_steps(out, args.steps), "traces": lambda: stage_traces(out, args.gpus),
               "kernels": lambda: stage_kernels(out, args.gpu), "nccl": lambda: stage_nccl(out, args.cluster),
-              "overlap": lambda: stage_overlap(out, args.gpus), "gpt": lambda: stage_gpt(out, args.steps)}
+              "overlap": lambda: stage_overlap(out, args.gpus), "gpt": lambda: stage_gpt(out, args.steps),
+              "gpt_traces": lambda: stage_gpt_traces(out)}
     timings = {}
     for name in args.stages:
         began = time.perf_counter()

@@ -33,10 +33,13 @@ IN_SITU_STEPS = 3
 
 
 def workload_traces(workload: DiTWorkload, world_size: int, *, measure: bool) -> list[Trace]:
-    """One trace per role; with `measure`, on this GPU with every compute op timed and scaled to
-    the rank's full-speed step under the fake process group (trace_roles' in_situ_steps)."""
+    """One trace per role; with `measure`, on this GPU (or CPU) with every compute op timed and
+    scaled to the rank's full-speed step under the fake process group (trace_roles' in_situ_steps)."""
+    import torch
+
+    device = "cuda" if measure and torch.cuda.is_available() else "cpu"
     return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(world_size),
-                       roles=workload.roles(world_size), device="cuda" if measure else "cpu",
+                       roles=workload.roles(world_size), device=device,
                        fake_tensors=not measure, measure=measure, in_situ_steps=IN_SITU_STEPS if measure else 0,
                        meta={"workload": "dit", **asdict(workload), "fsdp": world_size})
 

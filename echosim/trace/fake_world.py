@@ -120,7 +120,7 @@ class PlausibleCollectives(TorchDispatchMode):
         with torch.no_grad():
             if name in ("c10d._allgather_base_", "_c10d_functional.all_gather_into_tensor"):
                 gathered, shard = (args[0], args[1]) if name.startswith("c10d") else (out, args[0])
-                gathered.view(-1, shard.numel()).copy_(shard.reshape(1, -1))
+                gathered.view(-1, shard.numel()).copy_(shard.reshape(1, -1).clone())  # FSDP's shard is in place
             elif name in ("c10d._reduce_scatter_base_", "_c10d_functional.reduce_scatter_tensor"):
                 shard, full = (args[0], args[1]) if name.startswith("c10d") else (out, args[0])
                 shard.copy_(full.reshape(-1, shard.numel())[0].view_as(shard))

@@ -25,12 +25,10 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from echosim.graph import Node
-from echosim.trace.fake_world import PlausibleCollectives, fake_world, mesh_groups, time_steps_us
+from echosim.trace.fake_world import PlausibleCollectives, fake_world, mesh_groups
 from echosim.trace.recorder import Recorder
 from echosim.trace.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, all_reduce_max,
                                            gather_from_tp, reduce_from_tp, sum_over_tp)
-
-IN_SITU_STEPS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,15 +204,6 @@ def _saved_bytes(fn, exclude: set[int]) -> tuple[object, float]:
     return out, float(sum(seen.values()))
 
 
-def _scale_to(nodes: list[Node], in_situ_us: float) -> None:
-    """Scale measured compute nodes (one stream; collectives free under the fake group) so they
-    add up to the full-speed time of the same work."""
-    measured = sum(n.duration_us for n in nodes if n.kind == "COMP" and n.duration_us is not None)
-    for n in nodes:
-        if n.kind == "COMP" and n.duration_us is not None:
-            n.duration_us *= in_situ_us / measured
-
-
 def _trace_part(module: nn.Module, make_inputs, labels, shards: int, measure: bool) -> TracedPart:
     params = list(module.parameters())
     out = module(*make_inputs())
@@ -236,9 +225,6 @@ def _trace_part(module: nn.Module, make_inputs, labels, shards: int, measure: bo
         torch._foreach_copy_(working, masters)
 
     optimizer_nodes, _ = _record(labels, step, measure)
-    if measure:  # scale to full-speed runs, as echosim.trace.fake_world.scale_to_in_situ does for a step
-        _scale_to(forward + backward, time_steps_us(lambda: module(*inputs).backward(grad), IN_SITU_STEPS))
-        _scale_to(optimizer_nodes, time_steps_us(step, IN_SITU_STEPS))
     return TracedPart(forward=forward, backward=backward, optimizer=optimizer_nodes,
                       params=sum(p.numel() for p in params), saved_bytes=saved)
 
@@ -250,7 +236,9 @@ def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_b
     """Trace the embedding, one layer and the head as tensor-parallel rank 0 of `tp`, on fake tensors
     of `device` ("cuda" names the ops as a GPU runs them); with `measure`, on real tensors of
     `device`, each compute op timed (echosim.trace.recorder; collectives return at once: they are
-    modelled, not measured), then scaled to full-speed runs of the part."""
+    modelled, not measured; their outputs made plausible: echosim.trace.fake_world.PlausibleCollectives).
+    Parts are not scaled to full-speed runs as whole steps are (trace_roles' in_situ_steps): one
+    part's synchronised forward and backward is bound by the host, the pipelined step is not."""
     sp = sequence_parallel and tp > 1
     local_seq = cfg.seq // tp if sp else cfg.seq
     with fake_world(rank=0, mesh_shape={"tp": tp}, device=device) as mesh:

@@ -38,3 +38,10 @@ def test_labels_name_what_differs():
 def test_traces_carry_the_workload():
     [trace] = workload_traces(DiTWorkload(**TINY), 4, measure=False)
     assert trace.meta["fsdp"] == 4 and trace.meta["preset"] == "tiny"
+
+
+def test_measured_fsdp_trace_times_every_op_and_scales_to_the_full_speed_step():
+    [trace] = workload_traces(DiTWorkload(**TINY), 2, measure=True)  # FSDP's in-place gathers get real data
+    comp = [n for n in trace.nodes if n.kind == "COMP"]
+    assert all(n.duration_us is not None for n in comp)
+    assert trace.meta["in_situ_step_us"] > 0 and trace.meta["in_situ_scale"] > 0
