@@ -58,7 +58,7 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
     for ranks in roles:
         with fake_world(rank=ranks[0], mesh_shape=mesh_shape, device=device) as mesh:
             labels = mesh_groups(mesh)
-            data_mode = PlausibleCollectives() if measure and not fake_tensors else nullcontext()
+            data_mode = plausible_collectives() if measure and not fake_tensors else nullcontext()
             with FakeTensorMode(allow_non_fake_inputs=True) if fake_tensors else data_mode:
                 step = make_step(mesh)
                 for extra in getattr(step, "meshes", ()):
@@ -104,28 +104,71 @@ def scale_to_in_situ(trace: Trace, in_situ_us: float) -> None:
     trace.meta.update(in_situ_step_us=in_situ_us, replay_step_us=free, in_situ_scale=factor)
 
 
-class PlausibleCollectives(TorchDispatchMode):
+def fill_gathered(gathered: torch.Tensor, shard: torch.Tensor) -> None:
+    """Random values at the shard's scale: real-looking weights, not copies (repeated blocks draw
+    less power than real data and time fast too)."""
+    scale = shard.detach().float().std().nan_to_num(1.0)  # a tensor: no host sync
+    gathered.normal_().mul_(scale.to(gathered.dtype))
+
+
+def fill_scattered(shard: torch.Tensor, full: torch.Tensor) -> None:
+    shard.copy_(full.reshape(-1, shard.numel())[0].view_as(shard))
+
+
+def fill_exchanged(received: torch.Tensor, sent: torch.Tensor) -> None:
+    if received.shape == sent.shape:
+        received.copy_(sent)
+
+
+FILLS = {"all_gather_into_tensor": fill_gathered, "all_gather_single": fill_gathered,
+         "reduce_scatter_tensor": fill_scattered, "reduce_scatter_single": fill_scattered,
+         "all_to_all_single": fill_exchanged}  # torch.distributed function -> fill of (output, input)
+
+
+@contextmanager
+def plausible_collectives() -> Iterator[None]:
     """Give collectives under the fake process group outputs that look like real ones.
 
     The fake group returns at once and leaves outputs as allocated: stale or zero memory. GPU
     kernels run faster on such data (less switching, less power, higher clocks: measured here, a
-    1.3B DiT's attention backward ran 12% faster on the weights a fake all-gather left), so when
-    compute is timed on a real GPU each gather's output gets copies of this rank's input, each
-    reduce-scatter's output this rank's slice of its input, each even all-to-all its input. The
-    copies are not recorded; their GPU time (a memory copy per gather) stays in the step."""
+    1.3B DiT's attention backward ran 12% faster on the weights a fake all-gather left). While
+    compute is timed on a real GPU, torch.distributed's gather, scatter and all-to-all functions
+    (what FSDP2 and dsv call) fill their outputs: random values at the input's scale for a
+    gather, this rank's slice for a reduce-scatter, the input for an even all-to-all. Patching
+    the functions, not the dispatcher, keeps full-speed steps free of per-op Python cost; the
+    fills' own kernels (one pass over each output) stay in the step."""
+    originals = {name: getattr(dist, name) for name in FILLS if hasattr(dist, name)}
+
+    def wrap(name, original):
+        def call(output, input, *args, **kwargs):
+            work = original(output, input, *args, **kwargs)
+            with torch.no_grad():
+                FILLS[name](output, input)
+            return work
+        return call
+
+    for name, original in originals.items():
+        setattr(dist, name, wrap(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+class PlausibleCollectives(TorchDispatchMode):
+    """plausible_collectives at the dispatcher, for code that calls collective ops directly
+    (functional collectives, as echosim's tensor-parallel GPT does). Every op pays a Python
+    call, so steps timed at full speed use plausible_collectives instead."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func._overloadpacket)
         with torch.no_grad():
             if name in ("c10d._allgather_base_", "_c10d_functional.all_gather_into_tensor"):
-                gathered, shard = (args[0], args[1]) if name.startswith("c10d") else (out, args[0])
-                gathered.view(-1, shard.numel()).copy_(shard.reshape(1, -1).clone())  # FSDP's shard is in place
+                fill_gathered(*((args[0], args[1]) if name.startswith("c10d") else (out, args[0])))
             elif name in ("c10d._reduce_scatter_base_", "_c10d_functional.reduce_scatter_tensor"):
-                shard, full = (args[0], args[1]) if name.startswith("c10d") else (out, args[0])
-                shard.copy_(full.reshape(-1, shard.numel())[0].view_as(shard))
+                fill_scattered(*((args[0], args[1]) if name.startswith("c10d") else (out, args[0])))
             elif name in ("c10d.alltoall_base_", "_c10d_functional.all_to_all_single"):
-                received, sent = (args[0], args[1]) if name.startswith("c10d") else (out, args[0])
-                if received.shape == sent.shape:
-                    received.copy_(sent)
+                fill_exchanged(*((args[0], args[1]) if name.startswith("c10d") else (out, args[0])))
         return out

@@ -183,15 +183,18 @@ def test_in_situ_scaling_makes_the_free_replay_last_the_full_speed_step():
     assert replay == pytest.approx(meta["in_situ_step_us"])
 
 
-def test_plausible_collectives_fill_fake_outputs_with_real_looking_data():
-    from echosim.trace.fake_world import PlausibleCollectives, fake_world
+@pytest.mark.parametrize("mode", ["functions", "dispatcher"])
+def test_plausible_collectives_fill_fake_outputs_with_real_looking_data(mode):
+    from echosim.trace.fake_world import PlausibleCollectives, fake_world, plausible_collectives
 
-    with fake_world(rank=1, mesh_shape={"dp": 4}) as mesh, PlausibleCollectives():
-        group = mesh.get_group()
-        shard, full = torch.randn(3), torch.randn(12)
-        gathered, scattered = torch.zeros(12), torch.zeros(3)
-        dist.all_gather_into_tensor(gathered, shard, group=group)
-        dist.reduce_scatter_tensor(scattered, full, group=group)
-        assert torch.equal(gathered, shard.repeat(4)) and torch.equal(scattered, full[:3])
-        assert torch.equal(funcol.all_gather_tensor(shard, 0, group), shard.repeat(4))
-        assert torch.equal(funcol.all_to_all_single(full, None, None, group), full)
+    with fake_world(rank=1, mesh_shape={"dp": 4}) as mesh:
+        with plausible_collectives() if mode == "functions" else PlausibleCollectives():
+            group = mesh.get_group()
+            shard, full = 3 * torch.randn(4000), torch.randn(12)
+            gathered, scattered, exchanged = torch.zeros(16000), torch.zeros(3), torch.zeros(12)
+            dist.all_gather_into_tensor(gathered, shard, group=group)
+            dist.reduce_scatter_tensor(scattered, full, group=group)
+            dist.all_to_all_single(exchanged, full, group=group)
+        assert gathered.std().item() == pytest.approx(3.0, rel=0.1) and not torch.equal(gathered[:4000], shard)
+        assert torch.equal(scattered, full[:3]) and torch.equal(exchanged, full)
+    assert dist.all_gather_into_tensor.__name__ == "all_gather_into_tensor"  # restored on exit
