@@ -68,8 +68,11 @@ def fit_cluster(cluster: Cluster, samples_by_protocol: dict[str, list[dict]]) ->
     protocols |= {p: replace(cluster.protocols[p], base_us=base, nvlink_step_us=step, bw_fraction=gbps / nvlink)
                   for p, (base, step, gbps) in fits.items()}
     counts = sorted({s["n"] for v in samples_by_protocol.values() for s in v})
-    fitted = replace(cluster, nvlink_GBps=nvlink, protocols=protocols, measured=True, collective_bw={},
-                     notes=cluster.notes + f" NVLink parameters measured by echosim calibrate --nccl on {counts} GPUs.")
+    notes = (f"Measured by echosim calibrate --nccl on {counts} GPUs of one node: NVLink bandwidth, each protocol's "
+             "base/step latency and bandwidth share, per-collective bandwidth (collective_bw) and NCCL's default "
+             "times (tables). Network parameters (nic_Gbps, net_step_us) are seeds from the datasheet and NCCL's "
+             "tuning defaults, not measured.")
+    fitted = replace(cluster, nvlink_GBps=nvlink, protocols=protocols, measured=True, collective_bw={}, notes=notes)
     return replace(fitted, collective_bw=_collective_bw(fitted, samples_by_protocol["Simple"]),
                    tables=tables(samples_by_protocol.get(DEFAULT, [])))
 

@@ -17,7 +17,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from echosim.engine import simulate
 from echosim.graph import Trace, validate
-from echosim.trace.recorder import Recorder
+from echosim.trace.recorder import Recorder, unrecorded
 
 StepFactory = Callable[[DeviceMesh], Callable[[], None]]
 
@@ -135,14 +135,15 @@ def plausible_collectives() -> Iterator[None]:
     compute is timed on a real GPU, torch.distributed's gather, scatter and all-to-all functions
     (what FSDP2 and dsv call) fill their outputs: random values at the input's scale for a
     gather, this rank's slice for a reduce-scatter, the input for an even all-to-all. Patching
-    the functions, not the dispatcher, keeps full-speed steps free of per-op Python cost; the
-    fills' own kernels (one pass over each output) stay in the step."""
+    the functions, not the dispatcher, keeps full-speed steps free of per-op Python cost. The
+    fills are never recorded (no node, no dependency); their kernels (one pass over each output)
+    stay in the full-speed step."""
     originals = {name: getattr(dist, name) for name in FILLS if hasattr(dist, name)}
 
     def wrap(name, original):
         def call(output, input, *args, **kwargs):
             work = original(output, input, *args, **kwargs)
-            with torch.no_grad():
+            with torch.no_grad(), unrecorded():
                 FILLS[name](output, input)
             return work
         return call

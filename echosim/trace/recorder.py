@@ -18,6 +18,9 @@ CUDA the duration is the op's CPU time.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -37,6 +40,19 @@ COLLECTIVE_STREAMS = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": 
 OP_STREAMS = {"fsdp.all_gather_copy_in": "ag", "fsdp.chunk_cat": "rs"}
 PREFETCH_DEPTH = {"forward": 2, "backward": 1}
 MEASURE_TAG = "echosim.node."  # profiler range around the op that becomes the node of this id
+
+
+_UNRECORDED = [False]  # set by `unrecorded`: ops that stand in for what a real peer would do
+
+
+@contextmanager
+def unrecorded() -> Iterator[None]:
+    """Ops run inside are not part of the step: no recorder records them."""
+    _UNRECORDED[0] = True
+    try:
+        yield
+    finally:
+        _UNRECORDED[0] = False
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -110,7 +126,7 @@ class Recorder(TorchDispatchMode):
         if any(isinstance(t, DTensor) for t in tree_leaves((args, kwargs))):
             return NotImplemented  # let DTensor run its local ops, which come back here
         name = str(func._overloadpacket)
-        if func.is_view or name in FREE_OPS or name.startswith(("profiler.", "prim.")):
+        if func.is_view or name in FREE_OPS or name.startswith(("profiler.", "prim.")) or _UNRECORDED[0]:
             return func(*args, **kwargs)
         if is_collective_op(func):
             out = func(*args, **kwargs)

@@ -34,10 +34,20 @@ def test_op_classes_and_keys():
     assert db_key("aten.mm", [[2, 3], [3]], "float32") == "aten.mm|2x3,3|float32"
 
 
-def test_shipped_profiles_are_marked_unmeasured_seeds():
-    for name, hbm in (("h100", 3350), ("h200", 4800)):
-        gpu = load_gpu(name)
-        assert gpu.measured is False and gpu.hbm_GBps == hbm and gpu.peak_tflops["bfloat16"] == 989.4
-        # a 8192^3 bf16 GEMM at datasheet peak: 2 * 8192^3 / 989.4e12 s = 1111.3 us
-        gemm = node("aten.mm", flops=2 * 8192**3, nbytes=3 * 8192**2 * 2)
-        assert KernelModel(gpu)(gemm) == pytest.approx(2 * 8192**3 / 989.4e6)
+def test_shipped_h100_profile_is_an_unmeasured_seed():
+    gpu = load_gpu("h100")
+    assert gpu.measured is False and gpu.hbm_GBps == 3350 and gpu.peak_tflops["bfloat16"] == 989.4
+    # a 8192^3 bf16 GEMM at datasheet peak: 2 * 8192^3 / 989.4e12 s = 1111.3 us
+    gemm = node("aten.mm", flops=2 * 8192**3, nbytes=3 * 8192**2 * 2)
+    assert KernelModel(gpu)(gemm) == pytest.approx(2 * 8192**3 / 989.4e6)
+
+
+def test_shipped_h200_profile_is_measured_and_plausible():
+    gpu = load_gpu("h200")
+    assert gpu.measured is True and "H200" in gpu.notes
+    assert all(0.4 < e < 1.0 for e in gpu.efficiency.values()) and 0 < gpu.launch_us < 20
+    # the 8192^3 GEMM of the calibration sweep: measured, and about what 76% of peak gives
+    gemm = node("aten.mm", flops=2 * 8192**3, nbytes=3 * 8192**2 * 2)
+    gemm.shapes, gemm.dtype = [[8192, 8192], [8192, 8192]], "bfloat16"
+    assert KernelModel(gpu)(gemm) == gpu.kernels["aten.mm|8192x8192,8192x8192|bfloat16"]
+    assert 1111 < KernelModel(gpu)(gemm) < 1111 / 0.6

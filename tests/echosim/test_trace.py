@@ -198,3 +198,15 @@ def test_plausible_collectives_fill_fake_outputs_with_real_looking_data(mode):
         assert gathered.std().item() == pytest.approx(3.0, rel=0.1) and not torch.equal(gathered[:4000], shard)
         assert torch.equal(scattered, full[:3]) and torch.equal(exchanged, full)
     assert dist.all_gather_into_tensor.__name__ == "all_gather_into_tensor"  # restored on exit
+
+
+def test_fills_of_fake_collectives_are_not_recorded():
+    from echosim.trace.fake_world import plausible_collectives
+
+    def make_step(mesh):
+        shard, gathered = torch.randn(8), torch.zeros(16)
+        return lambda: (dist.all_gather_into_tensor(gathered, shard, group=mesh.get_group()), gathered.sum())
+
+    with plausible_collectives():
+        [trace] = trace_roles(make_step, mesh_shape={"dp": 2}, roles=[[0, 1]], fake_tensors=False)
+    assert [n.name for n in trace.nodes] == ["all_gather", "aten.sum"]
