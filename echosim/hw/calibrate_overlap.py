@@ -7,8 +7,9 @@ collective (all-reduce, all-gather, reduce-scatter, all-to-all; COLLECTIVE_SIZES
 to back on a second stream of every rank for the whole timed loop (CUDA events, median of
 `iters` after warm-up). The slowdown of a kernel is overlapped / isolated time. Kernels
 alternate between a fitting and a held-out set; the model (echosim.overlap.FittedSlowdown) is
-fitted to the first. The report gives each held-out kernel's error in predicted overlapped
-time, beside three baselines: no slowdown, one constant factor (the median over every
+fitted to the first. Each sample also keeps the span of the collectives and of the kernel
+loop, for the other direction (collectives slowed by compute; not modelled yet). The report
+gives each held-out kernel's error in predicted overlapped time, beside three baselines: no slowdown, one constant factor (the median over every
 fitting sample) and a median factor per (op class, collective).
 """
 from __future__ import annotations
@@ -144,15 +145,24 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
             cover = 2 * (warmup + iters) * (isolated + 250.0)
             count = agreed(math.ceil(cover / alone[(coll, nbytes)]) + 4)
             dist.barrier()
+            first, last, loop_start, loop_end = (torch.cuda.Event(enable_timing=True) for _ in range(4))
             with torch.cuda.stream(comm_stream):
+                first.record()
                 works = [call() for _ in range(count)]
+                works[-1].wait()  # comm_stream waits for the last collective
+                last.record()
+            loop_start.record()
             overlapped = timed(fn)
+            loop_end.record()
             for work in works:
                 work.wait()
             torch.cuda.synchronize()
             samples.append({"op_class": cls, "collective": coll, "collective_bytes": nbytes,
                             "kernel": f"{name}:{size}", "collective_alone_us": alone[(coll, nbytes)],
-                            "isolated_us": isolated, "overlapped_us": overlapped, "held_out": index % 2 == 1})
+                            "isolated_us": isolated, "overlapped_us": overlapped, "held_out": index % 2 == 1,
+                            # the other direction: `count` collectives' span, part of it beside the kernel loop
+                            "collective_count": count, "collectives_us": first.elapsed_time(last) * 1e3,
+                            "kernel_loop_us": loop_start.elapsed_time(loop_end) * 1e3})
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(samples))
     dist.destroy_process_group()
