@@ -12,7 +12,8 @@ Stages, each on its own (a failure is logged in the folder and the next stage st
            and at held-out sizes between them), 2 and 4 GPUs: nccl.json
   overlap  `echosim calibrate --overlap` sweep on 4 GPUs: overlap.json
   gpt      real steps of echosim.validate_gpt's SUITE on 2 and 4 GPUs: gpt_steps.json
-  gpt_traces  each SUITE job's stage traces, every op timed on one GPU: gpt_traces/
+  gpt_traces  each SUITE job's stage traces, every op timed on one GPU: gpt3d's, composed from
+           parts (g<i>.json), and gpt_run's own step, one stage at a time (s<i>.json): gpt_traces/
 
 On 4 H200s the stages took: steps 198 s, traces 70 s, kernels 3 s, nccl 122 s, overlap 20 s,
 gpt 90 s, gpt_traces 8 s (plus ~15 s per torchrun launch inside them): split them over two
@@ -33,6 +34,8 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from echosim.gpt3d import GPTJob
 from echosim.trace.dit import DiTWorkload
@@ -114,14 +117,24 @@ def stage_gpt(out: Path, steps: int) -> None:
 
 
 def stage_gpt_traces(out: Path) -> None:
+    """Per SUITE job: gpt3d's stage traces composed from parts timed on this GPU (g<i>.json), and
+    gpt_run's own step traced one stage at a time, scaled to its full-speed run (s<i>.json)."""
     from echosim.gpt3d import gpt_traces
-    from echosim.validate_gpt import SUITE
+    from echosim.validate_gpt import SUITE, step_traces
 
     jobs = SMOKE_GPT if SMOKE else SUITE
+    device = "cpu" if SMOKE else "cuda"
     (out / "gpt_traces").mkdir(exist_ok=True)
     for i, job in enumerate(jobs):
-        traces = gpt_traces(job, device="cpu" if SMOKE else "cuda", measure=True)
-        (out / "gpt_traces" / f"g{i}.json").write_text(json.dumps([t.to_json() for t in traces]))
+        for prefix, make in (("g", lambda: gpt_traces(job, device=device, measure=True)),
+                             ("s", lambda: step_traces(job, device=device))):
+            try:
+                traces = make()
+                (out / "gpt_traces" / f"{prefix}{i}.json").write_text(json.dumps([t.to_json() for t in traces]))
+            except Exception:  # noqa: BLE001 - record it, trace the rest
+                (out / "gpt_traces" / f"error_{prefix}{i}.txt").write_text(traceback.format_exc())
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def stage_kernels(out: Path, gpu: str) -> None:

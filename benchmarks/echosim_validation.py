@@ -120,15 +120,16 @@ def format_steps(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_gpt(evidence: Path, cluster, overlap) -> list[dict]:
-    """validate_gpt's SUITE: measured steps vs the measured stage traces replayed as classes."""
+def compare_gpt(evidence: Path, cluster, overlap, prefix: str) -> list[dict]:
+    """validate_gpt's SUITE: measured steps vs measured stage traces replayed as classes: gpt3d's
+    composed from parts ("g") or gpt_run's own step ("s")."""
     from echosim.gpt3d import GPTJob
     from echosim.validate_gpt import describe
 
     out = []
     for i, r in enumerate(json.loads((evidence / "gpt_steps.json").read_text())):
         config = describe(GPTJob(**r["job"]))
-        path = evidence / "gpt_traces" / f"g{i}.json"
+        path = evidence / "gpt_traces" / f"{prefix}{i}.json"
         if "median_ms" not in r or not path.exists():
             out.append({"config": config, "gpus": 0, "problem": (r.get("error") or "no trace").strip().splitlines()[-1]})
             continue
@@ -190,8 +191,11 @@ def main() -> None:
     steps = compare_steps(rows, cluster, overlap)
     sections.insert(0, "## DiT step time: measured vs predicted\n\n" + format_steps(steps))
     if (evidence / "gpt_steps.json").exists():
-        sections.insert(1, "## GPT step time: measured vs predicted\n\n"
-                        + format_steps(compare_gpt(evidence, cluster, overlap)))
+        sections.insert(1, "## GPT step time: measured vs predicted from gpt3d's parts\n\n"
+                        + format_steps(compare_gpt(evidence, cluster, overlap, "g")))
+        if list((evidence / "gpt_traces").glob("s*.json")):
+            sections.insert(2, "## GPT step time: measured vs predicted from gpt_run's own step, traced\n\n"
+                            + format_steps(compare_gpt(evidence, cluster, overlap, "s")))
     text = "\n\n".join(sections)
     print(text)
     if args.report:

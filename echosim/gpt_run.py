@@ -329,6 +329,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def step_factory(job: GPTJob, *, device: str | None = None):
+    """`make_step(mesh)` for echosim.trace.trace_roles: this rank's Stage and a step on a fixed
+    batch, so the real step can be traced one rank at a time under the fake process group."""
+    device = device or default_device()
+
+    def make_step(mesh):
+        stage = Stage(job, place(job), device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        tokens = global_batch(job, 0, device)
+        return lambda: stage.step(tokens)
+
+    return make_step
+
+
 def job_problem(job: GPTJob) -> str | None:
     """Why `job` cannot run in the initialised world (GPTJob.problems, and the world's size)."""
     problems = job.problems()

@@ -16,10 +16,12 @@ from dataclasses import asdict
 
 from echosim.engine import OverlapModel
 from echosim.gpt3d import GPTJob, gpt_traces
-from echosim.gpt_run import measure_many
+from echosim.gpt_run import default_device, measure_many, step_factory
 from echosim.hw import Cluster, load_cluster
 from echosim.overlap import load_overlap
+from echosim.graph import Trace
 from echosim.simulate import predict
+from echosim.trace import trace_roles
 
 # gpt-1.3b and gpt-13b on 2 and 4 H200s: steps of 0.2-1 s predicted, under 70 GB a GPU (echosim.memory);
 # microbatches of 2 keep eager PyTorch's per-op host cost (~10 us) below the kernels' (25-65 us a kernel)
@@ -50,6 +52,22 @@ def predicted_gpt_ms(job: GPTJob, cluster: Cluster, *, overlap: OverlapModel | N
     """echosim's step time for `job` (see gpt3d.gpt_traces for `trace_device` and `measure`)."""
     traces = gpt_traces(job, device=trace_device, measure=measure)
     return predict(traces, cluster, as_classes=True, overlap=overlap).step_us / 1e3
+
+
+def step_traces(job: GPTJob, *, device: str | None = None, in_situ_steps: int = 3) -> list[Trace]:
+    """One trace per pipeline stage of gpt_run's own step, traced as the stage's first rank under
+    the fake process group with every op timed on this device and scaled to that rank's
+    full-speed step (as the DiT is traced: echosim.validate.workload_traces). Host-bound steps
+    (eager tensor parallelism) keep their host gaps, which gpt3d's composed parts cannot."""
+    problems = job.problems()
+    if problems:
+        raise ValueError(f"{job.model} on tp={job.tp} pp={job.pp} dp={job.dp}: " + "; ".join(problems))
+    device = device or default_device()
+    per_stage = job.tp * job.dp
+    roles = [list(range(s * per_stage, (s + 1) * per_stage)) for s in range(job.pp)]
+    return trace_roles(step_factory(job, device=device), mesh_shape={"world": job.world_size}, roles=roles,
+                       device=device, fake_tensors=False, measure=True, in_situ_steps=in_situ_steps,
+                       meta={"workload": "gpt_run", **asdict(job)})
 
 
 def validate_gpt(jobs: list[GPTJob], cluster: Cluster, steps: int = 10, *, overlap: OverlapModel | None = None,

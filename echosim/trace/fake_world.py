@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 import statistics
 import time
+from dataclasses import replace
 from math import prod
 
 import torch
@@ -90,13 +91,21 @@ def time_steps_us(step: Callable[[], None], steps: int) -> float:
     return statistics.median(times)
 
 
+def _alone(trace: Trace) -> Trace:
+    """The trace as one rank whose communication takes no time (as under the fake group): every
+    collective, send and receive becomes an instant compute node, so no peer is needed."""
+    nodes = [replace(n, kind="COMP", duration_us=0.0, group="", bytes=0.0, peer=None, split_bytes=None)
+             if n.is_comm else n for n in trace.nodes]
+    return Trace(world_size=1, ranks=[0], groups={}, nodes=nodes)
+
+
 def scale_to_in_situ(trace: Trace, in_situ_us: float) -> None:
     """Scale every measured compute duration by in-situ step / the trace's own replay with free
     collectives. Kernel times profiled one op at a time miss what a full-speed step adds: GPU
     idle between kernels the host launches late, clocks that drop under sustained load. The
     tracing GPU's own full-speed step of the same rank (collectives return at once under the
     fake process group) carries both; the factor spreads them over the ops."""
-    free = simulate([trace], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
+    free = simulate([_alone(trace)], compute_us=None, collective_us=None).step_us
     factor = in_situ_us / free
     for node in trace.nodes:
         if node.kind == "COMP" and node.duration_us is not None:

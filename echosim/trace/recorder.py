@@ -7,7 +7,9 @@ storage, so they need no nodes of their own). Streams mirror FSDP2's CUDA stream
 
 - compute ops run on "compute"; FSDP2's copy-in kernels run on the stream of their collective;
 - FSDP2's all-gathers (fed by its copy-in) run on "ag", its reduce-scatters (fed by its
-  chunk-cat) and all-reduces on "rs", the rest (e.g. context parallelism's) on "comm";
+  chunk-cat) and all-reduces on "rs", sends on "send" and receives on "recv" (a batch_isend_irecv
+  posts both at once: one stream would deadlock a pipeline), the rest (e.g. context
+  parallelism's) on "comm";
 - FSDP2 bounds all-gather prefetching by memory: an all-gather waits until the output of the
   all-gather `depth` before it has been copied out (depth 2 in forward, 1 in backward).
 
@@ -36,7 +38,8 @@ FREE_OPS = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_emp
             "aten.detach", "aten.lift_fresh", "aten.alias", "aten._unsafe_view", "aten._reshape_alias",
             "aten.set_", "aten.resize_", "aten.record_stream", "aten._local_scalar_dense", "aten.is_same_size",
             "aten.sym_size", "aten.sym_stride", "aten.sym_numel", "aten.sym_storage_offset"}
-COLLECTIVE_STREAMS = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "rs"}
+COLLECTIVE_STREAMS = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "rs",
+                      "send": "send", "recv": "recv"}  # a batch of sends and receives runs concurrently
 OP_STREAMS = {"fsdp.all_gather_copy_in": "ag", "fsdp.chunk_cat": "rs"}
 PREFETCH_DEPTH = {"forward": 2, "backward": 1}
 MEASURE_TAG = "echosim.node."  # profiler range around the op that becomes the node of this id

@@ -2,6 +2,7 @@
 import pytest
 
 import echosim.validate_gpt as validate
+from echosim.simulate import predict
 from echosim.gpt3d import GPTJob
 from echosim.hw import load_cluster
 
@@ -34,3 +35,15 @@ def test_measured_traces_time_every_compute_op_and_default_traces_none():
             assert all((d is not None and d >= 0) if measure else d is None for d in durations)
             assert not measure or sum(durations) > 0
     assert validate.predicted_gpt_ms(job, load_cluster("dgx_h200"), measure=True) > 0
+
+
+def test_gpt_runs_own_step_traces_per_stage_and_replays():
+    from echosim.validate_gpt import step_traces
+
+    job = GPTJob(model="gpt-tiny", tp=2, pp=2, dp=1, global_batch=4, micro_batch=2)
+    traces = step_traces(job, device="cpu", in_situ_steps=1)
+    assert [t.ranks for t in traces] == [[0, 1], [2, 3]]
+    for t in traces:  # 1F1B, 2 microbatches on 2 stages: two activations one way, two gradients back
+        assert sorted(n.name for n in t.nodes if n.kind in ("COMM_SEND", "COMM_RECV")) == ["recv"] * 2 + ["send"] * 2
+        assert t.meta["in_situ_scale"] > 0
+    assert predict(traces, load_cluster("dgx_h200"), as_classes=True).step_us > 0
