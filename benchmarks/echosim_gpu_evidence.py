@@ -166,7 +166,8 @@ def main() -> None:
     parser.add_argument("--cluster", default="dgx_h200", help="cluster whose protocols are swept")
     parser.add_argument("--gpus", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per real run, after 2 warm-up steps")
-    parser.add_argument("--stages", nargs="+", default=["steps", "traces", "kernels", "nccl", "overlap", "gpt", "gpt_traces"])
+    parser.add_argument("--stages", nargs="+",
+                        default=["steps", "traces", "kernels", "nccl", "overlap", "gpt", "gpt_traces"])
     parser.add_argument("--smoke", action="store_true", help="rehearse on CPU: tiny workloads, small buffers")
     parser.add_argument("--trace-worker", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -131,7 +131,8 @@ def compare_gpt(evidence: Path, cluster, overlap, prefix: str) -> list[dict]:
         config = describe(GPTJob(**r["job"]))
         path = evidence / "gpt_traces" / f"{prefix}{i}.json"
         if "median_ms" not in r or not path.exists():
-            out.append({"config": config, "gpus": 0, "problem": (r.get("error") or "no trace").strip().splitlines()[-1]})
+            problem = (r.get("error") or "no trace").strip().splitlines()[-1]
+            out.append({"config": config, "gpus": 0, "problem": problem})
             continue
         traces = load_traces(path)
         plain = predict(traces, cluster, as_classes=True).step_us / 1e3

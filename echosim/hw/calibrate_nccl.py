@@ -2,17 +2,20 @@
 
     echosim calibrate --nccl --cluster dgx_h200 --gpus 2 4      # on a node with >= 4 GPUs
 
-For each protocol (NCCL_PROTO=LL, LL128, Simple; NCCL_ALGO=Ring) and GPU count, a torchrun
-job times all-gather, reduce-scatter, all-reduce, all-to-all, broadcast and send/recv from
-1 KiB to 1 GiB (this module's `sweep`, run by torchrun). Each protocol's ring collectives are
-fitted, in relative least squares, to the ring model of echosim.comm:
-T = base + steps(n) * L + share(n) * S / B, giving base_us, nvlink_step_us and B; nvlink_GBps
-is Simple's B and bw_fraction = B / nvlink_GBps. A sweep with NCCL's own choices at every power
-of two becomes the cluster's tables (what NCCL's tuner really does inside a node); another at
-the sizes halfway between is what `compare` judges the fitted model on, every collective included. Bandwidth per collective:
-NCCL reaches different bus bandwidths in different collectives on the same links, so each
-gets a multiplier (collective_bw) from its large Simple samples. Network parameters
-(net_step_us, nic_Gbps) stay as the cluster file describes them.
+For each protocol (NCCL_PROTO=LL, LL128, Simple; NCCL_ALGO=Ring) and GPU count, a torchrun job
+times all-gather, reduce-scatter, all-reduce, all-to-all, broadcast and send/recv from 1 KiB to
+1 GiB (this module's `sweep`, run by torchrun). Each protocol's ring collectives are fitted, in
+relative least squares, to the ring model of echosim.comm,
+
+    T = base + steps(n) * L + share(n) * S / B,
+
+giving base_us, nvlink_step_us and B; nvlink_GBps is Simple's B and bw_fraction = B / nvlink_GBps.
+A sweep with NCCL's own choices at every power of two becomes the cluster's tables
+(what NCCL's tuner really does inside a node); another at the sizes halfway between is what
+`compare` judges the fitted model on, every collective included. Bandwidth per collective: NCCL
+reaches different bus bandwidths in different collectives on the same links, so each gets a
+multiplier (collective_bw) from its large Simple samples. Network parameters (net_step_us,
+nic_Gbps) stay as the cluster file describes them.
 """
 from __future__ import annotations
 

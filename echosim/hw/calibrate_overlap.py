@@ -3,14 +3,15 @@
     echosim calibrate --overlap --gpu h200 --gpus 4     # on a node with >= 2 GPUs; writes hw/overlap_h200.json
 
 A torchrun job (this module's `sweep`) times each kernel of KERNELS alone and then while a
-collective (all-reduce, all-gather, reduce-scatter, all-to-all; COLLECTIVE_SIZES) runs back
-to back on a second stream of every rank for the whole timed loop (CUDA events, median of
-`iters` after warm-up). The slowdown of a kernel is overlapped / isolated time. Kernels
-alternate between a fitting and a held-out set; the model (echosim.overlap.FittedSlowdown) is
-fitted to the first. Each sample also keeps the span of the collectives and of the kernel
-loop, for the other direction (collectives slowed by compute; not modelled yet). The report
-gives each held-out kernel's error in predicted overlapped time, beside three baselines: no slowdown, one constant factor (the median over every
-fitting sample) and a median factor per (op class, collective).
+collective (all-reduce, all-gather, reduce-scatter, all-to-all; COLLECTIVE_SIZES) runs back to
+back on a second stream of every rank for the whole timed loop (CUDA events, median of `iters`
+after warm-up). The slowdown of a kernel is overlapped / isolated time. Kernels alternate
+between a fitting and a held-out set; the model (echosim.overlap.FittedSlowdown) is fitted to
+the first. Each sample also keeps the span of the collectives and of the kernel loop, for the
+other direction (collectives slowed by compute; not modelled yet). The report gives each
+held-out kernel's error in predicted overlapped time, beside three baselines: no slowdown, one
+constant factor (the median over every fitting sample) and a median factor per (op class,
+collective).
 """
 from __future__ import annotations
 
