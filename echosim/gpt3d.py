@@ -41,6 +41,8 @@ class GPTJob:
     micro_batch: int = field(default=1, metadata={"help": "samples per microbatch"})
     global_batch: int = field(default=1536, metadata={"help": "samples per step over all replicas"})
     bucket_mb: float = field(default=25.0, metadata={"help": "DDP gradient bucket size in MiB"})
+    virtual_stages: int = field(default=1, metadata={
+        "help": "model chunks per pipeline rank: interleaved 1F1B when > 1 (schedule 1f1b)"})
 
     @property
     def world_size(self) -> int:
@@ -65,8 +67,15 @@ class GPTJob:
                 out.append(f"tp={self.tp} does not divide the {what} ({n})")
         if self.sequence_parallel and cfg.seq % self.tp:
             out.append(f"tp={self.tp} does not divide the sequence ({cfg.seq}) under sequence parallelism")
-        if cfg.layers % self.pp:
-            out.append(f"pp={self.pp} does not divide the {cfg.layers} layers")
+        if cfg.layers % (self.pp * self.virtual_stages):
+            chunks = f"pp={self.pp}" if self.virtual_stages == 1 else \
+                f"pp x virtual stages = {self.pp} x {self.virtual_stages}"
+            out.append(f"{chunks} does not divide the {cfg.layers} layers")
+        if self.virtual_stages > 1 and self.schedule != "1f1b":
+            out.append(f"virtual stages ({self.virtual_stages}) interleave the 1f1b schedule, not {self.schedule!r}")
+        if self.virtual_stages > 1 and self.microbatches % self.pp:
+            out.append(f"interleaved 1F1B needs the microbatches ({self.microbatches}) to be a multiple of "
+                       f"pp ({self.pp})")
         if self.global_batch % (self.dp * self.micro_batch):
             out.append(f"dp x micro-batch = {self.dp} x {self.micro_batch} does not divide the global batch "
                        f"({self.global_batch})")
@@ -79,11 +88,19 @@ class GPTJob:
                                micro_batch=self.micro_batch, optimizer_shards=shards, device=device, measure=measure)
 
     def stage_parts(self, stage: int, *, device: str = "cpu", measure: bool = False) -> list[tuple[str, TracedPart]]:
-        """The parts on `stage`, in forward order."""
+        """The parts on `stage` (all its model chunks), in forward order."""
+        return [named for chunk in range(self.virtual_stages)
+                for named in self.chunk_parts(stage, chunk, device=device, measure=measure)]
+
+    def chunk_parts(self, stage: int, chunk: int, *, device: str = "cpu",
+                    measure: bool = False) -> list[tuple[str, TracedPart]]:
+        """The parts of virtual stage chunk * pp + stage, in forward order."""
         parts = self.parts(device=device, measure=measure)
-        names = [("embedding", parts.embedding)] if stage == 0 else []
-        names += [(f"layer{stage * self.layers_per_stage + i}", parts.layer) for i in range(self.layers_per_stage)]
-        return names + ([("head", parts.head)] if stage == self.pp - 1 else [])
+        virtual, last = chunk * self.pp + stage, self.pp * self.virtual_stages - 1
+        per_chunk = self.layers_per_stage // self.virtual_stages
+        names = [("embedding", parts.embedding)] if virtual == 0 else []
+        names += [(f"layer{virtual * per_chunk + i}", parts.layer) for i in range(per_chunk)]
+        return names + ([("head", parts.head)] if virtual == last else [])
 
     @property
     def layers_per_stage(self) -> int:
@@ -168,11 +185,12 @@ def gpt_traces(job: GPTJob, *, device: str = "cpu", measure: bool = False) -> li
     if problems:
         raise ValueError(f"{job.model} on tp={job.tp} pp={job.pp} dp={job.dp}: " + "; ".join(problems))
     per_stage = job.tp * job.dp
-    stages = [GPTStage(job=job, parts=job.stage_parts(s, device=device, measure=measure),
-                       activation_bytes=job.activation_bytes())
+    stages = [[GPTStage(job=job, parts=job.chunk_parts(s, c, device=device, measure=measure),
+                        activation_bytes=job.activation_bytes()) for c in range(job.virtual_stages)]
               for s in range(job.pp)]
     return compose_pipeline(stages, schedule=job.schedule, microbatches=job.microbatches,
                             world_size=job.world_size, groups=job.groups(),
                             stage_ranks=[list(range(s * per_stage, (s + 1) * per_stage)) for s in range(job.pp)],
                             meta={"workload": "gpt", "model": job.model, "tp": job.tp, "pp": job.pp, "dp": job.dp,
+                                  "virtual_stages": job.virtual_stages,
                                   "sequence_parallel": job.sequence_parallel, "data_parallel": job.data_parallel})

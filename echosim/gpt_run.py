@@ -345,6 +345,8 @@ def step_factory(job: GPTJob, *, device: str | None = None):
 def job_problem(job: GPTJob) -> str | None:
     """Why `job` cannot run in the initialised world (GPTJob.problems, and the world's size)."""
     problems = job.problems()
+    if job.virtual_stages > 1:
+        problems.append("the real step runs one model chunk per stage (virtual_stages 1); interleaving is simulated only")
     if job.world_size != dist.get_world_size():
         problems.append(f"tp x pp x dp = {job.world_size} ranks, but the world has {dist.get_world_size()}")
     return f"{job.model} on tp={job.tp} pp={job.pp} dp={job.dp}: " + "; ".join(problems) if problems else None

@@ -7,7 +7,8 @@ Per parameter on a rank (mixed precision with Adam, Megatron's layout):
 
 Activations are what the traced forward of each part saves for backward (counted on fake
 tensors, so the real dtypes, SDPA's saved statistics and TP/SP sharding are all included),
-times the microbatches the schedule keeps in flight on the stage (1F1B: p - s, GPipe: m).
+times the microbatches the schedule keeps in flight on the stage (1F1B: p - s, GPipe: m;
+interleaved 1F1B: its chunk-microbatches in flight, each 1/v of the stage).
 Not counted: the CUDA context, allocator fragmentation and transient buffers.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def stage_memory(job: GPTJob) -> list[StageMemory]:
     for stage in range(job.pp):
         parts = [part for _, part in job.stage_parts(stage)]
         params = sum(p.params for p in parts)
-        live = in_flight(job.schedule, job.pp, job.microbatches, stage)
+        live = in_flight(job.schedule, job.pp, job.microbatches, stage, chunks=job.virtual_stages)
         out.append(StageMemory(stage=stage, weights_GB=params * PARAM_BYTES / 1e9,
                                grads_GB=params * GRAD_BYTES / shard / 1e9,
                                optimizer_GB=params * OPTIMIZER_BYTES / shard / 1e9,

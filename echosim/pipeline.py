@@ -9,9 +9,13 @@ the matching of sends and receives, by order per peer and direction, can never d
 
     GPipe   all forwards, then all backwards
     1F1B    p - s - 1 warm-up forwards on stage s, then alternate F and B, then the remaining Bs
+    interleaved 1F1B (Megatron's, `chunks` = v > 1 model chunks per rank; virtual stage c*p + s
+            is chunk c of rank s): 2(p - s - 1) + (v - 1)p warm-up forwards of chunks, then
+            alternate, then the remaining backwards; m must be a multiple of p
 
-For uniform stages (forward f, backward b, free transfers) both take (m + p - 1)(f + b) for m
-microbatches on p stages: the bubble is (p - 1) / (m + p - 1) of the step.
+For uniform stages (forward f, backward b, free transfers) 1F1B and GPipe take (m + p - 1)(f + b)
+for m microbatches on p stages: the bubble is (p - 1) / (m + p - 1) of the step; interleaving
+shrinks it to (p - 1) / (v m + p - 1).
 """
 from __future__ import annotations
 
@@ -43,9 +47,35 @@ def schedule_order(name: str, stages: int, microbatches: int) -> list[list[tuple
     raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {SCHEDULES}")
 
 
-def in_flight(name: str, stages: int, microbatches: int, stage: int) -> int:
-    """Most microbatches whose activations stage `stage` holds at once under the schedule."""
-    return microbatches if name == "gpipe" else min(stages - stage, microbatches)
+def interleaved_order(stages: int, microbatches: int, chunks: int) -> list[list[tuple[str, int, int]]]:
+    """Per stage, the ("F" | "B", microbatch, chunk) steps of interleaved 1F1B in order."""
+    p, m, v = stages, microbatches, chunks
+    if m % p:
+        raise ValueError(f"interleaved 1F1B needs microbatches ({m}) to be a multiple of the stages ({p})")
+
+    def unit(phase: str, k: int) -> tuple[str, int, int]:
+        chunk = (k // p) % v
+        return phase, k // (p * v) * p + k % p, chunk if phase == "F" else v - 1 - chunk
+
+    total, orders = m * v, []
+    for s in range(p):
+        warmup = min(2 * (p - s - 1) + (v - 1) * p, total)
+        order = [unit("F", k) for k in range(warmup)]
+        for k in range(total - warmup):
+            order += [unit("F", warmup + k), unit("B", k)]
+        orders.append(order + [unit("B", k) for k in range(total - warmup, total)])
+    return orders
+
+
+def in_flight(name: str, stages: int, microbatches: int, stage: int, chunks: int = 1) -> float:
+    """Most microbatches' worth of activations stage `stage` holds at once under the schedule
+    (interleaved: chunk-microbatches in flight, each 1/chunks of the stage's activations)."""
+    if name == "gpipe":
+        return microbatches
+    if chunks == 1:
+        return min(stages - stage, microbatches)
+    units = min(2 * (stages - stage - 1) + (chunks - 1) * stages + 1, microbatches * chunks)
+    return units / chunks
 
 
 class GraphBuilder:
@@ -110,43 +140,58 @@ class UniformStage:
             graph.add(self.tail, after=after)
 
 
-def compose_pipeline(stages: list[StageWork], *, schedule: str, microbatches: int, world_size: int,
-                     stage_ranks: list[list[int]], groups: dict[str, list[list[int]]],
+def compose_pipeline(stages: list[StageWork] | list[list[StageWork]], *, schedule: str, microbatches: int,
+                     world_size: int, stage_ranks: list[list[int]], groups: dict[str, list[list[int]]],
                      meta: dict | None = None) -> list[Trace]:
     """One Trace per stage, standing for `stage_ranks[s]`; `groups` must hold the "pp" partition,
-    each of whose blocks lists one rank per stage in stage order."""
+    each of whose blocks lists one rank per stage in stage order. `stages[s]` is the stage's work,
+    or a list of its model chunks' (interleaved 1F1B, schedule "1f1b")."""
+    chunked = [w if isinstance(w, list) else [w] for w in stages]
+    p, v = len(chunked), len(chunked[0])
+    if v > 1 and schedule != "1f1b":
+        raise ValueError(f"model chunks per stage ({v}) need the 1f1b schedule (interleaved), not {schedule!r}")
+    orders = (interleaved_order(p, microbatches, v) if v > 1 else
+              [[(phase, mb, 0) for phase, mb in order] for order in schedule_order(schedule, p, microbatches)])
     with paused_gc():
-        return [_compose_stage(stages, s, order, schedule=schedule, microbatches=microbatches,
+        return [_compose_stage(chunked, s, order, schedule=schedule, microbatches=microbatches,
                                world_size=world_size, ranks=stage_ranks[s], groups=groups, meta=meta)
-                for s, order in enumerate(schedule_order(schedule, len(stages), microbatches))]
+                for s, order in enumerate(orders)]
 
 
-def _compose_stage(stages: list[StageWork], s: int, order: list[tuple[str, int]], *, schedule: str,
+def _compose_stage(chunked: list[list[StageWork]], s: int, order: list[tuple[str, int, int]], *, schedule: str,
                    microbatches: int, world_size: int, ranks: list[int], groups: dict[str, list[list[int]]],
                    meta: dict | None) -> Trace:
-    p = len(stages)
-    work, graph = stages[s], GraphBuilder()
+    p, v = len(chunked), len(chunked[0])
+    graph = GraphBuilder()
     last: list[int] = []
-    for phase, mb in order:
+
+    def work_of(virtual: int) -> StageWork:  # virtual stage c * p + s is chunk c of rank s
+        return chunked[virtual % p][virtual // p]
+
+    for phase, mb, chunk in order:
+        virtual, work = chunk * p + s, chunked[s][chunk]
+        before, after_me = virtual - 1, virtual + 1  # neighbours in the forward direction
         if phase == "F":
             after = last
-            if s > 0:
+            if before >= 0:
                 after = after + [graph.comm(kind="COMM_RECV", name="recv", stream="recv_fwd", group=PP_GROUP,
-                                            nbytes=stages[s - 1].activation_bytes, peer=s - 1)]
+                                            nbytes=work_of(before).activation_bytes, peer=before % p)]
             end = work.forward(graph, mb, after)
-            if s < p - 1:
+            if after_me < p * v:
                 graph.comm(kind="COMM_SEND", name="send", stream="send_fwd", group=PP_GROUP,
-                           nbytes=work.activation_bytes, deps=[end], peer=s + 1)
+                           nbytes=work.activation_bytes, deps=[end], peer=after_me % p)
         else:
             after = last
-            if s < p - 1:
+            if after_me < p * v:
                 after = after + [graph.comm(kind="COMM_RECV", name="recv", stream="recv_bwd", group=PP_GROUP,
-                                            nbytes=work.activation_bytes, peer=s + 1)]
+                                            nbytes=work.activation_bytes, peer=after_me % p)]
             end = work.backward(graph, mb, after)
-            if s > 0:
+            if before >= 0:
                 graph.comm(kind="COMM_SEND", name="send", stream="send_bwd", group=PP_GROUP,
-                           nbytes=stages[s - 1].activation_bytes, deps=[end], peer=s - 1)
+                           nbytes=work_of(before).activation_bytes, deps=[end], peer=before % p)
         last = [end]
-    work.finish(graph, last)
+    for work in chunked[s]:
+        work.finish(graph, last)
     return Trace(world_size=world_size, ranks=list(ranks), groups=groups, nodes=graph.nodes,
-                 meta={**(meta or {}), "pipeline_stage": s, "schedule": schedule, "microbatches": microbatches})
+                 meta={**(meta or {}), "pipeline_stage": s, "schedule": schedule if v == 1 else "interleaved-1f1b",
+                       "microbatches": microbatches, "chunks": v})

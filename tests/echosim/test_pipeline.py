@@ -3,7 +3,7 @@ import pytest
 
 from echosim.engine import simulate
 from echosim.graph import Node, validate
-from echosim.pipeline import UniformStage, compose_pipeline, in_flight, schedule_order
+from echosim.pipeline import UniformStage, compose_pipeline, in_flight, interleaved_order, schedule_order
 from echosim.report import breakdowns
 
 FORWARD_US, BACKWARD_US = 3.0, 7.0
@@ -76,3 +76,40 @@ def test_replaying_classes_matches_replaying_every_rank():
     assert classes.ranks == [0, 3, 6, 9] and every.ranks == list(range(12))
     assert classes.step_us == every.step_us
     assert len(classes.spans) * 3 == len(every.spans)
+
+
+def uniform_chunks(p, m, v):
+    """p ranks of v chunks, each chunk 1/v of a uniform stage's forward and backward."""
+    def chunk():
+        return UniformStage(forward_nodes=[Node(id=0, kind="COMP", name="fwd", stream="compute",
+                                                duration_us=FORWARD_US / v)],
+                            backward_nodes=[Node(id=0, kind="COMP", name="bwd", stream="compute",
+                                                 duration_us=BACKWARD_US / v)],
+                            activation_bytes=1024.0)
+    return compose_pipeline([[chunk() for _ in range(v)] for _ in range(p)], schedule="1f1b", microbatches=m,
+                            world_size=p, stage_ranks=[[s] for s in range(p)], groups={"pp": [list(range(p))]})
+
+
+@pytest.mark.parametrize("p, m, v", [(2, 4, 2), (4, 8, 2), (4, 4, 3), (2, 6, 4)])
+def test_interleaving_shrinks_the_bubble_to_p_minus_1_over_vm_plus_p_minus_1(p, m, v):
+    traces = uniform_chunks(p, m, v)
+    timeline = simulate(traces, compute_us=None, collective_us=lambda call: (0.0, "free"))
+    assert timeline.step_us == pytest.approx((m + (p - 1) / v) * (FORWARD_US + BACKWARD_US))
+    bubble = 1 - m * (FORWARD_US + BACKWARD_US) / timeline.step_us
+    assert bubble == pytest.approx((p - 1) / (v * m + p - 1))
+
+
+def test_interleaved_order_runs_every_chunk_of_every_microbatch_once_forward_before_backward():
+    p, m, v = 4, 8, 2
+    for s, order in enumerate(interleaved_order(p, m, v)):
+        forwards = [(mb, c) for phase, mb, c in order if phase == "F"]
+        backwards = [(mb, c) for phase, mb, c in order if phase == "B"]
+        assert sorted(forwards) == sorted(backwards) == [(mb, c) for mb in range(m) for c in range(v)]
+        assert all(order.index(("F", mb, c)) < order.index(("B", mb, c)) for mb, c in forwards)
+        live = peak = 0
+        for phase, _, _ in order:
+            live += 1 if phase == "F" else -1
+            peak = max(peak, live)
+        assert peak / v == in_flight("1f1b", p, m, s, chunks=v)  # chunk-microbatches, in stage units
+    with pytest.raises(ValueError, match="multiple of the stages"):
+        interleaved_order(4, 6, 2)
