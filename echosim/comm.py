@@ -65,6 +65,10 @@ class CommModel:
         self.cluster = cluster
         self.nic_GBps = cluster.nic_Gbps / 8
         self._seen: dict[tuple, tuple[float, str]] = {}  # (name, bytes, members) -> answer; steps repeat calls
+        self._bw_scales: dict[str, dict[int, float]] = {}  # collective -> measured group size -> multiplier
+        for key, scale in cluster.collective_bw.items():
+            name, size = key.split("@")
+            self._bw_scales.setdefault(name, {})[int(size)] = scale
 
     def node_of(self, rank: int) -> int:
         return rank // self.cluster.gpus_per_node
@@ -106,7 +110,7 @@ class CommModel:
     def _bw_scale(self, name: str, n: int) -> float:
         """The cluster's measured multiplier for `name` on the nearest measured group size at or
         below n (else the smallest measured); 1 when the collective was not measured."""
-        sizes = {int(k.split("@")[1]): v for k, v in self.cluster.collective_bw.items() if k.split("@")[0] == name}
+        sizes = self._bw_scales.get(name)
         if not sizes:
             return 1.0
         below = [m for m in sizes if m <= n]

@@ -217,11 +217,10 @@ def _simulate(traces: list[Trace], compute_us: ComputeModel, collective_us: Coll
 
     def retime(rank: int, time: float) -> None:
         """Collectives on `rank` changed: bring its compute jobs up to date and reschedule them."""
-        calls = list(running[rank].values())
+        calls, plan = list(running[rank].values()), plan_of[rank]
         for pos, job in active[rank].items():
             job.left = max(0.0, job.left - (time - job.since) / job.factor)
             job.since = time
-            plan = plan_of[rank]
             job.factor = overlap(plan.trace.nodes[pos], plan.duration[pos], calls) if calls else 1.0
             job.seq = next(order)
             heapq.heappush(heap, (time + job.left * job.factor, job.seq, rank, pos))

@@ -81,6 +81,15 @@ class GPTJob:
                        f"({self.global_batch})")
         return out
 
+    def problem_message(self, problems: list[str]) -> str:
+        return f"{self.model} on tp={self.tp} pp={self.pp} dp={self.dp}: " + "; ".join(problems)
+
+    def check(self) -> None:
+        """Raise ValueError naming every reason this configuration cannot run its model."""
+        problems = self.problems()
+        if problems:
+            raise ValueError(self.problem_message(problems))
+
     def parts(self, *, device: str = "cpu", measure: bool = False) -> GPTParts:
         """The traced parts (see trace_gpt_parts for `device` and `measure`)."""
         shards = self.dp if self.data_parallel == "fsdp" else 1
@@ -181,9 +190,7 @@ def gpt_traces(job: GPTJob, *, device: str = "cpu", measure: bool = False) -> li
     """One trace per pipeline stage, standing for its tp x dp ranks; raises ValueError if `job`
     cannot run its model. Parts are traced on fake `device` tensors, or timed on this GPU with
     `measure` (echosim.trace.gpt.trace_gpt_parts)."""
-    problems = job.problems()
-    if problems:
-        raise ValueError(f"{job.model} on tp={job.tp} pp={job.pp} dp={job.dp}: " + "; ".join(problems))
+    job.check()
     per_stage = job.tp * job.dp
     stages = [[GPTStage(job=job, parts=job.chunk_parts(s, c, device=device, measure=measure),
                         activation_bytes=job.activation_bytes()) for c in range(job.virtual_stages)]

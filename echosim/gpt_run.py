@@ -342,14 +342,21 @@ def step_factory(job: GPTJob, *, device: str | None = None):
     return make_step
 
 
-def job_problem(job: GPTJob) -> str | None:
-    """Why `job` cannot run in the initialised world (GPTJob.problems, and the world's size)."""
+def step_problems(job: GPTJob) -> list[str]:
+    """Why this real step cannot run `job` (GPTJob.problems, and what only the simulator models)."""
     problems = job.problems()
     if job.virtual_stages > 1:
-        problems.append("the real step runs one model chunk per stage (virtual_stages 1); interleaving is simulated only")
+        problems.append("the real step runs one model chunk per stage (virtual_stages 1); "
+                        "interleaving is simulated only")
+    return problems
+
+
+def job_problem(job: GPTJob) -> str | None:
+    """Why `job` cannot run in the initialised world (step_problems, and the world's size)."""
+    problems = step_problems(job)
     if job.world_size != dist.get_world_size():
         problems.append(f"tp x pp x dp = {job.world_size} ranks, but the world has {dist.get_world_size()}")
-    return f"{job.model} on tp={job.tp} pp={job.pp} dp={job.dp}: " + "; ".join(problems) if problems else None
+    return job.problem_message(problems) if problems else None
 
 
 def run_job(job: GPTJob, steps: int, warmup: int, *, device: str | None = None,

@@ -20,6 +20,10 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
 from echosim.graph import Trace
 from echosim.hw import Cluster
 from echosim.simulate import predict
@@ -27,16 +31,12 @@ from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
 
 WARMUP_STEPS = 2
-
-
 IN_SITU_STEPS = 3
 
 
 def workload_traces(workload: DiTWorkload, world_size: int, *, measure: bool) -> list[Trace]:
     """One trace per role; with `measure`, on this GPU (or CPU) with every compute op timed and
     scaled to the rank's full-speed step under the fake process group (trace_roles' in_situ_steps)."""
-    import torch
-
     device = "cuda" if measure and torch.cuda.is_available() else "cpu"
     return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(world_size),
                        roles=workload.roles(world_size), device=device,
@@ -87,9 +87,6 @@ def validate(workloads: list[DiTWorkload], gpu_counts: list[int], cluster: Clust
 
 
 def _time_steps(step, steps: int, cuda: bool) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     times = []
     for i in range(WARMUP_STEPS + steps):
         dist.barrier()
@@ -112,10 +109,6 @@ def _time_steps(step, steps: int, cuda: bool) -> list[float]:
 
 def main(workloads_json: str, steps: int, out_path: str) -> None:
     """Worker under torchrun: real steps of each workload; rank 0 writes one result per workload."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -16,10 +16,10 @@ from dataclasses import asdict
 
 from echosim.engine import OverlapModel
 from echosim.gpt3d import GPTJob, gpt_traces
-from echosim.gpt_run import default_device, measure_many, step_factory
+from echosim.gpt_run import default_device, measure_many, step_factory, step_problems
+from echosim.graph import Trace
 from echosim.hw import Cluster, load_cluster
 from echosim.overlap import load_overlap
-from echosim.graph import Trace
 from echosim.simulate import predict
 from echosim.trace import trace_roles
 
@@ -59,9 +59,9 @@ def step_traces(job: GPTJob, *, device: str | None = None, in_situ_steps: int = 
     the fake process group with every op timed on this device and scaled to that rank's
     full-speed step (as the DiT is traced: echosim.validate.workload_traces). Host-bound steps
     (eager tensor parallelism) keep their host gaps, which gpt3d's composed parts cannot."""
-    problems = job.problems()
+    problems = step_problems(job)
     if problems:
-        raise ValueError(f"{job.model} on tp={job.tp} pp={job.pp} dp={job.dp}: " + "; ".join(problems))
+        raise ValueError(job.problem_message(problems))
     device = device or default_device()
     per_stage = job.tp * job.dp
     roles = [list(range(s * per_stage, (s + 1) * per_stage)) for s in range(job.pp)]

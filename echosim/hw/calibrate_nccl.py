@@ -82,15 +82,13 @@ def fit_cluster(cluster: Cluster, samples_by_protocol: dict[str, list[dict]]) ->
 
 def tables(samples: list[dict]) -> dict[str, list[list[float]]]:
     """"<collective>@<group size>" -> [[bytes, us], ...] ascending (send/recv: a group of 2, from
-    the 2-GPU sweep where there is one)."""
-    out: dict[str, list[list[float]]] = {}
+    the smallest world that swept it)."""
+    by_world: dict[str, dict[int, list[list[float]]]] = {}
     for s in samples:
         group = 2 if s["collective"] == "send_recv" else s["n"]
-        out.setdefault(f"{s['collective']}@{group}@{s['n']}", []).append([float(s["bytes"]), float(s["us"])])
-    merged: dict[str, list[list[float]]] = {}
-    for key in sorted(out, key=lambda k: int(k.split("@")[2])):  # smallest world first: it wins
-        merged.setdefault(key.rsplit("@", 1)[0], _monotone(sorted(out[key])))
-    return merged
+        points = by_world.setdefault(f"{s['collective']}@{group}", {}).setdefault(s["n"], [])
+        points.append([float(s["bytes"]), float(s["us"])])
+    return {key: _monotone(sorted(worlds[min(worlds)])) for key, worlds in by_world.items()}
 
 
 def _monotone(points: list[list[float]]) -> list[list[float]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echosim.hw.calibrate_nccl import SPIN_CYCLES_PER_CALL, time_collective_us
+from echosim.hw.calibrate_nccl import time_collective_us
 from echosim.overlap import FittedSlowdown, size_class
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -88,6 +88,8 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from echosim.hw.calibrate_kernels import time_us
+
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     n = dist.get_world_size()
@@ -114,19 +116,6 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
         q, k, v = (torch.randn(1, 16, size, 128, **bf16) for _ in range(3))
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def timed(fn) -> float:
-        times = []
-        for i in range(warmup + iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(SPIN_CYCLES_PER_CALL)  # the kernel is queued before the GPU reaches `start`
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            if i >= warmup:
-                times.append(start.elapsed_time(end) * 1e3)
-        return statistics.median(times)
-
     def agreed(count: int) -> int:
         """The largest count over ranks: every rank must issue as many collectives."""
         t = torch.tensor([count], device="cuda")
@@ -140,7 +129,7 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
     for index, (cls, name, size) in enumerate(KERNELS):
         fn = kernel(cls, size)
         dist.barrier()
-        isolated = timed(fn)
+        isolated = time_us(fn, iters, warmup)
         for (coll, nbytes), call in calls.items():
             # the timed loop is at most ~(warmup + iters) x (spin + kernel + host sync); cover twice that
             cover = 2 * (warmup + iters) * (isolated + 250.0)
@@ -153,7 +142,7 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
                 works[-1].wait()  # comm_stream waits for the last collective
                 last.record()
             loop_start.record()
-            overlapped = timed(fn)
+            overlapped = time_us(fn, iters, warmup)
             loop_end.record()
             for work in works:
                 work.wait()

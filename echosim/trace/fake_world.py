@@ -2,10 +2,10 @@
 that traces each role's step in it."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from math import prod
 
@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from echosim.engine import simulate
 from echosim.graph import Trace, validate
@@ -174,11 +174,13 @@ class PlausibleCollectives(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func._overloadpacket)
-        with torch.no_grad():
-            if name in ("c10d._allgather_base_", "_c10d_functional.all_gather_into_tensor"):
-                fill_gathered(*((args[0], args[1]) if name.startswith("c10d") else (out, args[0])))
-            elif name in ("c10d._reduce_scatter_base_", "_c10d_functional.reduce_scatter_tensor"):
-                fill_scattered(*((args[0], args[1]) if name.startswith("c10d") else (out, args[0])))
-            elif name in ("c10d.alltoall_base_", "_c10d_functional.all_to_all_single"):
-                fill_exchanged(*((args[0], args[1]) if name.startswith("c10d") else (out, args[0])))
+        fill = OP_FILLS.get(name)
+        if fill is not None:  # c10d ops write into args[0] from args[1]; functional ones return a new output
+            with torch.no_grad():
+                fill(*((args[0], args[1]) if name.startswith("c10d") else (out, args[0])))
         return out
+
+
+OP_FILLS = {"c10d._allgather_base_": fill_gathered, "_c10d_functional.all_gather_into_tensor": fill_gathered,
+            "c10d._reduce_scatter_base_": fill_scattered, "_c10d_functional.reduce_scatter_tensor": fill_scattered,
+            "c10d.alltoall_base_": fill_exchanged, "_c10d_functional.all_to_all_single": fill_exchanged}

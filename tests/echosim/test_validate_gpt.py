@@ -47,3 +47,11 @@ def test_gpt_runs_own_step_traces_per_stage_and_replays():
         assert sorted(n.name for n in t.nodes if n.kind in ("COMM_SEND", "COMM_RECV")) == ["recv"] * 2 + ["send"] * 2
         assert t.meta["in_situ_scale"] > 0
     assert predict(traces, load_cluster("dgx_h200"), as_classes=True).step_us > 0
+
+
+def test_gpt_runs_own_step_refuses_what_it_cannot_run():
+    from echosim.validate_gpt import step_traces
+
+    with pytest.raises(ValueError, match="interleaving is simulated only"):
+        step_traces(GPTJob(model="gpt-tiny", tp=1, pp=2, dp=1, global_batch=4, micro_batch=1, virtual_stages=2),
+                    device="cpu")
