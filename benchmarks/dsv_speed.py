@@ -42,7 +42,7 @@ class TimedDense:
     def __init__(self, device: torch.device):
         self.timer = PhaseTimer(device, enabled=True)
 
-    def __call__(self, q, k, v, *, layer, attn_input):
+    def __call__(self, q, k, v, *, layer, attn_input, rope=None):
         q = mark_input(q, self.timer, "attention")
         with self.timer.phase("attention"):
             out = F.scaled_dot_product_attention(q, k, v)

@@ -17,14 +17,17 @@ from torch import Tensor
 
 
 class AttentionBackend(Protocol):
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """q, k, v: (B, H, S, D) in 3D-cube token order; attn_input: (B, S, hidden), the
-        normalised block input the qkv projection saw. Returns (B, H, S, D)."""
+        normalised block input the qkv projection saw; rope: the rotary tables (cos, sin), each
+        (S, D/2), that rotated these q and k (None where there are none). Returns (B, H, S, D)."""
         ...
 
 
 class DenseAttention:
     """Dense softmax attention through PyTorch SDPA (cuDNN / flash on CUDA, math on CPU)."""
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v)

@@ -9,7 +9,7 @@ Read top to bottom, in the order the data flows:
                       x += gate * MLP(modulate(LN(x)))
     FinalLayer --> (B, N, p*C) cube order --> raster order --> unpatchify (B, C, T, H, W)
 
-Every self-attention runs through `self.attention_backend(q, k, v, layer=i, attn_input=x)`
+Every self-attention runs through `self.attention_backend(q, k, v, layer=i, attn_input=x, rope=rope)`
 (see dsv/models/attention.py), so dense, sparse and context-parallel attention are swapped
 with `model.set_attention(backend)` without touching this file. Tokens are in 3D-cube order
 (dsv/ops/layout.py) from the patch embedding to the final layer, so one block of the
@@ -220,7 +220,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = Rotary3D.rotate(q, *rope).to(v.dtype), Rotary3D.rotate(k, *rope).to(v.dtype)
-        out = self.attention_backend(q, k, v, layer=self.layer, attn_input=x)  # (B, H, S, Dh)
+        out = self.attention_backend(q, k, v, layer=self.layer, attn_input=x, rope=rope)  # (B, H, S, Dh)
         return self.proj(out.transpose(1, 2).flatten(2))  # (B, S, D)
 
 

@@ -50,7 +50,8 @@ class SelectionInput:
 Selector = Callable[[SelectionInput], BlockIndex | None]
 """Returns counts (B, H_r, S_q / block) and global KV block ids with seq_len = S, or None for dense."""
 Features = Callable[..., Tensor]
-"""features(attn_input (B, S_loc, hidden), layer=i) -> (B, H, S_loc, F), computed token by token."""
+"""features(attn_input (B, S_loc, hidden), layer=i, rope=(cos, sin) (S_loc, D/2) or None) -> (B, H, S_loc, F),
+computed token by token."""
 
 
 class ContextParallelAttention:
@@ -91,9 +92,10 @@ class ContextParallelAttention:
         return found
 
     @torch.compiler.disable
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         mesh, assignment = self.mesh, self.assignment(layer)
-        feats = self.features(attn_input, layer=layer) if self.features is not None else None
+        feats = self.features(attn_input, layer=layer, rope=rope) if self.features is not None else None
         if mesh.cp_heads > 1:  # (B, H, S/g, D) -> (B, H_r, S/g_s, D)
             q, k, v = (scatter_heads(x, assignment, mesh.heads_group) for x in (q, k, v))
             if feats is not None:

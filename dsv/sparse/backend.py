@@ -81,7 +81,8 @@ class DSVAttention:
         self._seq_len: int | None = None  # whole sequence, as last seen by `features`
         with torch.random.fork_rng(devices=[]):  # the DiT's initialisation and RNG stream stay as without DSV
             torch.manual_seed(seed)
-            predictors = [LowRankPredictor(model_cfg.hidden, self.heads, cfg.rank) for _ in range(self.layers)]
+            head_dim = model_cfg.head_dim if cfg.predictor_rope else None
+            predictors = [LowRankPredictor(model_cfg.hidden, self.heads, cfg.rank, head_dim) for _ in range(self.layers)]
         self.predictors = nn.ModuleList(predictors).to(device)
         self.optimizer = torch.optim.AdamW(self.predictors.parameters(), lr=cfg.predictor_lr, weight_decay=0.0)
         self.schedule = TwoStageSchedule(cfg)
@@ -99,13 +100,15 @@ class DSVAttention:
 
     # ------------------------------------------------------------------ the backend call
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor) -> Tensor:
-        """q, k, v (B, H, S, D) in cube order; attn_input (B, S, hidden). Returns (B, H, S, D)."""
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """q, k, v (B, H, S, D) in cube order; attn_input (B, S, hidden); rope the model's rotary
+        tables (S, D/2) of these tokens. Returns (B, H, S, D)."""
         training = torch.is_grad_enabled()
         if training and layer in self._selection:  # activation-checkpoint recompute
             index = self._selection[layer]
         else:
-            index = self._prepare(q, k, attn_input, layer, training)
+            index = self._prepare(q, k, attn_input, rope, layer, training)
             if training:
                 self._selection[layer] = index
         q = mark_input(q, self.timer, "attention")
@@ -131,14 +134,15 @@ class DSVAttention:
             self._density[layer] = kept_density(self.budgets[layer], n) if sparse else 1.0
         return sparse, profile
 
-    def _prepare(self, q: Tensor, k: Tensor, attn_input: Tensor, layer: int, training: bool) -> BlockIndex | None:
+    def _prepare(self, q: Tensor, k: Tensor, attn_input: Tensor, rope: tuple[Tensor, Tensor] | None, layer: int,
+                 training: bool) -> BlockIndex | None:
         """Steps 1-3; returns the selection attention uses, None for dense."""
         sparse, profile = self._plan(layer, q.shape[2], training)
         if not (training or sparse):
             return None
         with _own_graph(training):
             with self.timer.phase("predictor"):
-                q_lr, k_lr = self.predictors[layer](attn_input)  # each (B, H, S, r)
+                q_lr, k_lr = self.predictors[layer](attn_input, rope)  # each (B, H, S, r)
             index = None
             if sparse or profile:
                 with self.timer.phase("selection"):
@@ -193,8 +197,8 @@ class DSVAttention:
                                                      features=self.features, block_size=self.cfg.block_size)
         return self.cp_attention
 
-    def features(self, attn_input: Tensor, *, layer: int) -> Tensor | None:
-        """attn_input (B, S/g, hidden) -> q~ and k~ (B, H, S/g, 2r) of this rank's tokens, detached (the
+    def features(self, attn_input: Tensor, *, layer: int, rope: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+        """attn_input (B, S/g, hidden), rope (S/g, D/2) -> q~ and k~ (B, H, S/g, 2r) of this rank's tokens, detached (the
         graph is kept for `select`); None where `select` needs none, alike on every rank: the
         activation-checkpoint recompute, and layers that run dense under no_grad."""
         training = torch.is_grad_enabled()
@@ -202,7 +206,7 @@ class DSVAttention:
         if (training and layer in self._selection) or not (training or self.layer_runs_sparse(layer, self._seq_len)):
             return None
         with _own_graph(training), self.timer.phase("predictor"):
-            features = torch.cat(self.predictors[layer](attn_input), -1)  # (B, H, S/g, 2r)
+            features = torch.cat(self.predictors[layer](attn_input, rope), -1)  # (B, H, S/g, 2r)
         if training:
             self._token_features[layer] = features
         return features.detach()

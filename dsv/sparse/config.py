@@ -22,6 +22,9 @@ class SparseConfig:
         "help": "train and profile on every row_stride-th query row (offset rotates with the step)"})
     max_rows: int = field(default=256, metadata={
         "help": "at most this many sampled rows per layer and step (the stride grows at long sequences)"})
+    predictor_rope: bool = field(default=True, metadata={
+        "help": "rotate q~, k~ by a subset of the model's 3D RoPE frequencies so the predictor sees relative "
+                "position (the model has no absolute position embedding); --no-sparse.predictor-rope: content only"})
     cosine_weight: float = field(default=0.95, metadata={
         "help": "weight of (1 - cosine) between centred predicted and exact score rows"})
     magnitude_weight: float = field(default=0.05, metadata={

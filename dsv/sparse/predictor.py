@@ -1,10 +1,17 @@
 """The low-rank predictor of one attention layer, and its loss against the exact scores.
 
-    predictor = LowRankPredictor(hidden=2048, heads=16, rank=16)   # fp32, outside the DiT
-    q_lr, k_lr = predictor(attn_input)                              # each (B, H, S, r)
+    predictor = LowRankPredictor(hidden=2048, heads=16, rank=16, head_dim=128)   # fp32, outside the DiT
+    q_lr, k_lr = predictor(attn_input, rope)                        # each (B, H, S, r)
 
 The predictor sees the *detached* attention input, so its training never touches the DiT's
 loss graph. It learns q~ k~^T / sqrt(r) ~ q k^T / sqrt(D) on sampled query rows.
+
+Positions: the DiT has no absolute position embedding, so its attention input carries no
+position and a plain projection of it cannot see the locality that 3D RoPE puts into q k^T (in
+trained video DiTs the larger part of the pattern). Given the model's rotary tables, the
+predictor rotates its r/2 pairs by a subset of the model's own (t, h, w) frequencies, from the
+highest to a near-constant one per axis (`rotary_pairs`): q~ k~^T then depends on relative
+position exactly as a rank-r slice of the model's scores can.
 
 Loss, per sampled row of scores (predicted p, exact e, both of length S):
     centre both rows (softmax ignores a per-row constant), then
@@ -26,19 +33,53 @@ from torch import Tensor, nn
 EPS = 1e-6
 
 
-class LowRankPredictor(nn.Module):
-    """Linear(hidden -> 2 * heads * rank) with bias, in fp32 whatever the autocast."""
+def rotary_pairs(head_dim: int, rank: int) -> Tensor:
+    """Columns of the model's rotary tables (its Rotary3D: head_dim/2 pairs, t then h then w, each
+    axis from its highest frequency down) that the predictor's rank//2 pairs rotate by: h and w
+    get ceil(n/3) each, t the rest; within an axis of m pairs, spread over its upper half of
+    frequencies, ending at the middle one (near constant over a video: a content channel)."""
+    third = 2 * (head_dim // 6)
+    axis_pairs = ((head_dim - 2 * third) // 2, third // 2, third // 2)  # (t, h, w), as Rotary3D
+    n = rank // 2
+    spatial = min(-(-n // 3), axis_pairs[1])
+    counts = (min(n - 2 * spatial, axis_pairs[0]), spatial, spatial)
+    columns, start = [], 0
+    for m, count in zip(axis_pairs, counts):
+        columns += [start + i for i in torch.linspace(0, m // 2, count).round().long().unique().tolist()]
+        start += m
+    return torch.tensor(columns, dtype=torch.long)
 
-    def __init__(self, hidden: int, heads: int, rank: int):
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, S, r) float32; cos, sin (S, n) with 2n <= r: rotates the pairs (x[2i], x[2i+1]) by
+    angle i, like the model's RoPE; dims past 2n pass through."""
+    n = cos.shape[-1]
+    pairs = x[..., :2 * n].unflatten(-1, (n, 2))  # (B, H, S, n, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)  # (B, H, S, 2n)
+    return torch.cat([rotated, x[..., 2 * n:]], dim=-1)
+
+
+class LowRankPredictor(nn.Module):
+    """Linear(hidden -> 2 * heads * rank) with bias, in fp32 whatever the autocast; with the model's
+    rotary tables, q~ and k~ are rotated by `rotary_pairs(head_dim, rank)` of them."""
+
+    def __init__(self, hidden: int, heads: int, rank: int, head_dim: int | None = None):
         super().__init__()
         self.heads, self.rank = heads, rank
         self.proj = nn.Linear(hidden, 2 * heads * rank)
+        pairs = rotary_pairs(head_dim, rank) if head_dim is not None else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("pairs", pairs, persistent=False)
 
-    def forward(self, attn_input: Tensor) -> tuple[Tensor, Tensor]:
-        """attn_input (B, S, hidden) -> q~, k~ each (B, H, S, rank) float32."""
+    def forward(self, attn_input: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """attn_input (B, S, hidden), rope the model's (cos, sin) (S, head_dim/2) of the same tokens
+        or None (no positions) -> q~, k~ each (B, H, S, rank) float32."""
         with torch.autocast(attn_input.device.type, enabled=False):
             low_rank = self.proj(attn_input.detach().float())  # (B, S, 2 * H * r)
         q_lr, k_lr = low_rank.unflatten(-1, (2, self.heads, self.rank)).permute(2, 0, 3, 1, 4)  # (B, H, S, r)
+        if rope is not None and self.pairs.numel():
+            cos, sin = (table[:, self.pairs].float() for table in rope)  # (S, n)
+            q_lr, k_lr = rotate_pairs(q_lr, cos, sin), rotate_pairs(k_lr, cos, sin)
         return q_lr, k_lr
 
 

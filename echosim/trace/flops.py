@@ -104,7 +104,8 @@ class ModelledSparseAttention:
     def __init__(self, density: float):
         self.density = density
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         return modelled_sparse_attention(q, k, v, self.density)
 
 

@@ -128,8 +128,8 @@ class Recording:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, q, k, v, *, layer, attn_input):
-        self.calls.append((layer, q.shape, k.shape, v.shape, attn_input.shape))
+    def __call__(self, q, k, v, *, layer, attn_input, rope):
+        self.calls.append((layer, q.shape, k.shape, v.shape, attn_input.shape, tuple(t.shape for t in rope)))
         return DenseAttention()(q, k, v, layer=layer, attn_input=attn_input)
 
 
@@ -143,14 +143,15 @@ def test_backend_called_once_per_block_with_shapes_and_layer():
     assert all(b.attn.attention_backend is rec for b in model.blocks)
     out = model(x, t)
     qkv = (2, 2, 64, 16)  # (B, H, N, head_dim)
-    assert rec.calls == [(i, qkv, qkv, qkv, (2, 64, 32)) for i in range(3)]
+    rope = ((64, 8), (64, 8))  # cos, sin (N, head_dim / 2)
+    assert rec.calls == [(i, qkv, qkv, qkv, (2, 64, 32), rope) for i in range(3)]
     assert torch.equal(out, ref)
     # the backend is no module state: not in state_dict, not a child module
     assert not any("backend" in k for k in model.state_dict())
     assert all(not isinstance(m, Recording) for m in model.modules())
 
 
-def fp64_softmax_attention(q, k, v, *, layer, attn_input):
+def fp64_softmax_attention(q, k, v, *, layer, attn_input, rope):
     scale = q.shape[-1] ** -0.5
     p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1)
     return (p @ v.double()).to(q.dtype)

@@ -40,10 +40,12 @@ class TableSelector:
                           block_size=BLOCK, seq_len=inp.seq_len)
 
 
-def features(attn_input, *, layer):
-    """A token-wise stand-in for the predictor's low-rank projection: (B, S, hidden) -> (B, H, S, F)."""
+def features(attn_input, *, layer, rope):
+    """A token-wise stand-in for the predictor's low-rank projection, plus the tokens' rotary angles
+    (so a rank handed another shard's tables fails): (B, S, hidden), (S, Dh/2) x 2 -> (B, H, S, F)."""
     weight = torch.linspace(-1, 1, CFG.hidden * CFG.heads * FEATURES).view(CFG.hidden, CFG.heads, FEATURES) / CFG.hidden
-    return torch.einsum("bsc,chf->bhsf", attn_input.detach(), weight + layer)
+    cos, sin = rope
+    return torch.einsum("bsc,chf->bhsf", attn_input.detach(), weight + layer) + (cos - sin).sum(-1, keepdim=True)
 
 
 def _model() -> VideoDiT:
@@ -68,8 +70,8 @@ def _one_process(sparse: bool):
     x, target, t, indices = _inputs()
     model, feats = _model(), [None] * CFG.depth
 
-    def backend(q, k, v, *, layer, attn_input):
-        feats[layer] = features(attn_input, layer=layer)
+    def backend(q, k, v, *, layer, attn_input, rope):
+        feats[layer] = features(attn_input, layer=layer, rope=rope)
         if not sparse:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return sparse_attention_index(q, k, v, indices[layer], backend="reference")

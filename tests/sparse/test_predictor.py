@@ -1,9 +1,11 @@
-"""The predictor learns a planted low-rank attention pattern; its loss is zero only for the
-exact softmax; its training stays out of the DiT's graph."""
+"""The predictor learns a planted low-rank attention pattern, and a RoPE position pattern when it
+is given the model's rotary tables; its loss is zero only for the exact softmax; its training
+stays out of the DiT's graph."""
 import torch
 
+from dsv.models.dit import Rotary3D
 from dsv.sparse.backend import DSVAttention
-from dsv.sparse.predictor import predictor_loss, sampled_rows
+from dsv.sparse.predictor import predictor_loss, rotary_pairs, sampled_rows
 from tests.sparse.helpers import micro_model_config, planted_qk, sparse_config
 
 
@@ -58,6 +60,39 @@ def test_predictor_learns_a_planted_low_rank_pattern():
         first = first or loss
     assert first > 0.5
     assert loss < 0.02 and backend.schedule.loss_ema < cfg.loss_threshold
+
+
+def test_rotary_pairs_take_each_axis_from_its_highest_frequency():
+    head_dim, rank = 64, 16  # Rotary3D(64): t 12 pairs, then h 10, then w 10
+    pairs = rotary_pairs(head_dim, rank).tolist()
+    assert pairs == [0, 6, 12, 14, 17, 22, 24, 27]  # t: 2 pairs, h and w: 3 each, down to the middle one
+    for head_dim, rank in ((32, 4), (96, 16), (128, 16), (128, 32)):
+        pairs = rotary_pairs(head_dim, rank)
+        assert len(pairs) <= rank // 2 and pairs.unique().numel() == len(pairs) and pairs.max() < head_dim // 2
+
+
+def test_predictor_learns_a_rope_position_pattern_only_with_positions():
+    """Scores that depend on relative position alone (constant q, k rotated by the model's RoPE, on
+    the predictor's pairs): with the rotary tables the predictor learns them, without it cannot."""
+    model_cfg = micro_model_config(hidden=64, heads=2, depth=1)  # head_dim 32
+    head_dim, rank = model_cfg.head_dim, 8
+    cos, sin = Rotary3D(head_dim, 10000.0).cos_sin((4, 8, 8), model_cfg.cube, torch.device("cpu"))  # (256, 16)
+    on_pairs = torch.zeros(head_dim // 2, 2)
+    on_pairs[rotary_pairs(head_dim, rank)] = 1
+    gen = torch.Generator().manual_seed(1)
+    q_const, k_const = (2 * torch.randn(1, 2, 1, head_dim, generator=gen) * on_pairs.flatten() for _ in range(2))
+    q, k = (Rotary3D.rotate(c.expand(2, 2, 256, head_dim), cos, sin) for c in (q_const, k_const))
+    final = {}
+    for with_positions in (True, False):
+        torch.manual_seed(0)
+        cfg = sparse_config(rank=rank, predictor_lr=1e-2, row_stride=8, min_dense_steps=10_000,
+                            max_dense_steps=10_000, predictor_rope=with_positions)
+        backend = DSVAttention(cfg, model_cfg, torch.device("cpu"))
+        for step in range(1, 301):
+            backend(q, k, k, layer=0, attn_input=torch.randn(2, 256, 64), rope=(cos, sin))
+            final[with_positions] = backend.step_end(step)["sparse/predictor_loss"]
+    assert final[True] < 0.01
+    assert final[False] > 0.8
 
 
 def test_predictor_training_leaves_the_dit_gradients_unchanged():
