@@ -1,6 +1,7 @@
 """DSV quality: the same task trained dense and with DSV, same seeds, compared at the end.
 
     PYTHONPATH=. python3 benchmarks/dsv_quality.py --out $OUT/quality                 # one GPU
+    PYTHONPATH=. python3 benchmarks/dsv_quality.py --out $OUT/q16k --task gpu-long --gpus 4   # a run per GPU
     PYTHONPATH=. python3 benchmarks/dsv_quality.py --out /tmp/q --task smoke --device cpu   # CPU smoke
 
 For every seed it trains `--sparse none` and `--sparse dsv` with `dsv train` (as subprocesses,
@@ -12,12 +13,14 @@ stage 2 began, mean density and mass recall over stage 2's profiles, and mean st
 Tasks (moving digits, one grey channel, patch 1x4x4, block = one 4x4x4 cube of 64 tokens):
 - `gpu`: 8 frames of 128 x 128 -> 8,192 tokens (128 blocks), DiT hidden 256, 6 layers, 4 heads of
   64, batch 8, 1,200 steps; stage 2 from step 300..500.
+- `gpu-long`: the same with 16 frames -> 16,384 tokens (256 blocks): longer videos, sparser attention.
 - `smoke`: 4 frames of 32 x 32 (64 tokens), 2 layers, 12 steps: checks the plumbing on a CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -27,14 +30,21 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageSequence
 
-TASKS = {
-    "gpu": dict(
+
+def digits_task(frames: int) -> dict[str, str]:
+    """The GPU task at `frames` frames of 128 x 128 (frames * 1,024 tokens)."""
+    return dict(
         common="--model.in-channels 1 --model.patch 1 4 4 --model.hidden 256 --model.depth 6 --model.heads 4 "
-               "--data.frames 8 --data.height 128 --data.width 128 --data.channels 1 --steps 1200 --batch-size 8 "
-               "--log-every 10 --val-every 200 --val-batches 4 --ckpt-every 0 --num-samples 8 --sample-steps 25 "
-               "--optim.lr 5e-4 --optim.warmup-steps 100 --no-tensorboard --no-progress",
+               f"--data.frames {frames} --data.height 128 --data.width 128 --data.channels 1 --steps 1200 "
+               "--batch-size 8 --log-every 10 --val-every 200 --val-batches 4 --ckpt-every 0 --num-samples 8 "
+               "--sample-steps 25 --optim.lr 5e-4 --optim.warmup-steps 100 --no-tensorboard --no-progress",
         sparse="--sparse.block-size 64 --sparse.dispatch sparse --sparse.min-dense-steps 300 "
-               "--sparse.max-dense-steps 500 --sparse.profile-every 25"),
+               "--sparse.max-dense-steps 500 --sparse.profile-every 25")
+
+
+TASKS = {
+    "gpu": digits_task(8),
+    "gpu-long": digits_task(16),
     "smoke": dict(
         common="--model.in-channels 1 --model.patch 1 4 4 --model.hidden 32 --model.depth 2 --model.heads 2 "
                "--model.cube 2 2 2 --data.frames 4 --data.height 32 --data.width 32 --data.channels 1 --steps 12 "
@@ -45,11 +55,12 @@ TASKS = {
 }
 
 
-def train(out: Path, name: str, args: str) -> Path:
-    """One `dsv train` run into out/name; its stdout and stderr go to out/name.log."""
+def train(out: Path, name: str, args: str, gpu: int | None) -> Path:
+    """One `dsv train` run into out/name (on CUDA device `gpu` if given); its output goes to out/name.log."""
     command = [sys.executable, "-m", "dsv.cli", "train", "--out-dir", str(out), "--run-name", name, *args.split()]
+    env = os.environ if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
     with open(out / f"{name}.log", "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         raise RuntimeError(f"{name} failed (exit {code}); see {out / f'{name}.log'}")
     return out / name
@@ -93,7 +104,8 @@ def main() -> int:
     parser.add_argument("--task", choices=sorted(TASKS), default="gpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--parallel", type=int, default=4, help="runs at a time on the device")
+    parser.add_argument("--parallel", type=int, default=4, help="runs at a time")
+    parser.add_argument("--gpus", type=int, default=0, help="spread the runs over this many GPUs (0: as visible)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     task = TASKS[args.task]
@@ -102,7 +114,8 @@ def main() -> int:
         base = f"{task['common']} --seed {seed} --device {args.device}"
         jobs += [(f"dense_s{seed}", f"{base} --sparse none"), (f"dsv_s{seed}", f"{base} --sparse dsv {task['sparse']}")]
     with ThreadPoolExecutor(args.parallel) as pool:
-        runs = dict(zip([name for name, _ in jobs], pool.map(lambda job: train(args.out, *job), jobs)))
+        gpus = [i % args.gpus if args.gpus else None for i in range(len(jobs))]
+        runs = dict(zip([name for name, _ in jobs], pool.map(lambda job, gpu: train(args.out, *job, gpu), jobs, gpus)))
 
     from dsv.report import write_report
 
