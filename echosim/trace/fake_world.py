@@ -79,16 +79,63 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
 
 
 def time_steps_us(step: Callable[[], None], steps: int) -> float:
-    """Median wall time of `steps` full-speed steps (synchronised around each), microseconds."""
+    """Median wall time of `steps` full-speed steps (synchronised around each) less the time of
+    the fake collectives and fills the compute stream waited for (`FillClock`), microseconds."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(steps):
         sync()
+        FILL_CLOCK.start()
         began = time.perf_counter()
         step()
         sync()
-        times.append(1e6 * (time.perf_counter() - began))
+        times.append(1e6 * (time.perf_counter() - began) - FILL_CLOCK.stop_us())
     return statistics.median(times)
+
+
+class FillClock:
+    """Time of fake collectives and their fills that stall compute, while steps are timed at full speed.
+
+    A collective's real time comes from the collective model. Under the fake group it still
+    costs something (the fake backend may copy its input; plausible_collectives fills the
+    output): on the compute stream (dsv's context-parallel all-to-alls run there) or on the
+    CPU that is time the real step spends in NCCL instead, so timed steps subtract it: GPU time
+    between CUDA events on the device's current stream, wall time on the CPU. Collectives on
+    side streams (FSDP's gathers) overlap compute and stay in."""
+
+    def __init__(self):
+        self._timing = False
+        self._cpu_us = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self) -> None:
+        self._timing, self._cpu_us, self._events = True, 0.0, []
+
+    def stop_us(self) -> float:
+        """Stop and return the time measured since start (after the caller synchronised the GPU)."""
+        self._timing = False
+        return self._cpu_us + 1e3 * sum(begin.elapsed_time(end) for begin, end in self._events)
+
+    @contextmanager
+    def fill(self, output: torch.Tensor) -> Iterator[None]:
+        """Time the block (a fake collective and its fill into `output`) if it stalls compute."""
+        on_compute = output.is_cuda and torch.cuda.current_stream(output.device) == \
+            torch.cuda.default_stream(output.device)
+        if not self._timing or not (on_compute or output.device.type == "cpu"):
+            yield
+        elif on_compute:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            yield
+            end.record()
+            self._events.append((begin, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self._cpu_us += 1e6 * (time.perf_counter() - began)
+
+
+FILL_CLOCK = FillClock()
 
 
 def _alone(trace: Trace) -> Trace:
@@ -145,15 +192,16 @@ def plausible_collectives() -> Iterator[None]:
     (what FSDP2 and dsv call) fill their outputs: random values at the input's scale for a
     gather, this rank's slice for a reduce-scatter, the input for an even all-to-all. Patching
     the functions, not the dispatcher, keeps full-speed steps free of per-op Python cost. The
-    fills are never recorded (no node, no dependency); their kernels (one pass over each output)
-    stay in the full-speed step."""
+    fills are never recorded (no node, no dependency); a full-speed step timed by `time_steps_us`
+    subtracts the collectives and fills the compute stream waits for (`FillClock`)."""
     originals = {name: getattr(dist, name) for name in FILLS if hasattr(dist, name)}
 
     def wrap(name, original):
         def call(output, input, *args, **kwargs):
-            work = original(output, input, *args, **kwargs)
-            with torch.no_grad(), unrecorded():
-                FILLS[name](output, input)
+            with FILL_CLOCK.fill(output):
+                work = original(output, input, *args, **kwargs)
+                with torch.no_grad(), unrecorded():
+                    FILLS[name](output, input)
             return work
         return call
 

@@ -210,3 +210,29 @@ def test_fills_of_fake_collectives_are_not_recorded():
     with plausible_collectives():
         [trace] = trace_roles(make_step, mesh_shape={"dp": 2}, roles=[[0, 1]], fake_tensors=False)
     assert [n.name for n in trace.nodes] == ["all_gather", "aten.sum"]
+
+
+def test_full_speed_steps_leave_out_the_fills_that_stall_compute(monkeypatch):
+    """A fill on the compute stream (here the CPU) is time the real step spends in the collective,
+    which the collective model predicts: timed steps subtract it."""
+    import importlib
+    import time
+
+    world = importlib.import_module("echosim.trace.fake_world")  # the module, not the function of that name
+
+    def slow_fill(received, sent):  # 50 ms, far above the fake collective's own cost
+        time.sleep(0.05)
+        received.copy_(sent)
+
+    monkeypatch.setitem(world.FILLS, "all_to_all_single", slow_fill)
+    with world.fake_world(rank=0, mesh_shape={"cp": 2}) as mesh:
+        sent, received = torch.randn(1024), torch.zeros(1024)
+
+        def step():
+            dist.all_to_all_single(received, sent, group=mesh.get_group())
+
+        with world.plausible_collectives():
+            began = time.perf_counter()
+            step()
+            assert time.perf_counter() - began >= 0.05 and torch.equal(received, sent)
+            assert world.time_steps_us(step, 3) < 20e3
