@@ -28,41 +28,9 @@ from echosim.trace.dit import DiTWorkload
 from echosim.validate import label
 
 
-FILLS_AFTER = {"all_gather": ["aten._to_copy", "aten.std", "aten.nan_to_num", "aten.normal_", "aten._to_copy",
-                               "aten.mul_"],
-               "reduce_scatter": ["aten.copy_"], "all_to_all": ["aten.copy_"]}
-DROP_FILLS = [False]  # --drop-recorded-fills
-
-
-def drop_recorded_fills(data: dict) -> dict:
-    """Traces measured at commit 27aa6cf recorded plausible_collectives' fills (the ops right after
-    each fake gather, scatter and all-to-all) as compute nodes that wait for the collective;
-    later commits never record them. Drop them, giving their dependents the fills' own deps."""
-    nodes = data["nodes"]
-    dropped: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        fills = FILLS_AFTER.get(node["name"], []) if node["kind"] == "COMM_COLL" else []
-        if fills and [n["name"] for n in nodes[i + 1:i + 1 + len(fills)]] == fills:
-            for j in range(i + 1, i + 1 + len(fills)):
-                dropped[j] = nodes[j].get("deps", [])
-
-    def resolve(deps: list[int]) -> set[int]:
-        out = set()
-        for d in deps:
-            out |= resolve(dropped[d]) if d in dropped else {d}
-        return out
-
-    kept = [n for i, n in enumerate(nodes) if i not in dropped]
-    new_id = {n["id"]: k for k, n in enumerate(kept)}
-    for n in kept:
-        n["deps"] = sorted(new_id[d] for d in resolve(n.get("deps", [])))
-        n["id"] = new_id[n["id"]]
-    return {**data, "nodes": kept}
-
-
 def load_traces(path: Path) -> list[Trace]:
     raw = json.loads(path.read_text())
-    return [trace_from_json(drop_recorded_fills(t) if DROP_FILLS[0] else t, source=str(path)) for t in raw]
+    return [trace_from_json(t, source=str(path)) for t in raw]
 
 
 def step_rows(evidence: Path) -> list[dict]:
@@ -150,10 +118,7 @@ def main() -> None:
     parser.add_argument("--cluster", default="dgx_h200", help="seed cluster the NCCL fit starts from")
     parser.add_argument("--write-hw", action="store_true", help="store the fitted files in echosim/hw/")
     parser.add_argument("--report", default="", help="also write the tables to this Markdown file")
-    parser.add_argument("--drop-recorded-fills", action="store_true",
-                        help="traces measured at 27aa6cf: drop the collective fills they recorded")
     args = parser.parse_args()
-    DROP_FILLS[0] = args.drop_recorded_fills
     evidence = Path(args.evidence)
     seed = load_cluster(args.cluster)
     sections = []
