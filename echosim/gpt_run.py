@@ -335,9 +335,16 @@ def step_factory(job: GPTJob, *, device: str | None = None):
     device = device or default_device()
 
     def make_step(mesh):
-        stage = Stage(job, place(job), device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        where = place(job)
+        stage = Stage(job, where, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         tokens = global_batch(job, 0, device)
-        return lambda: stage.step(tokens)
+
+        def step():
+            stage.step(tokens)
+
+        partitions = job.groups()  # each group's blocks over the world, for the trace's rank classes
+        step.group_labels = {getattr(where, kind).group_name: (kind, partitions[kind]) for kind in partitions}
+        return step
 
     return make_step
 

@@ -52,7 +52,8 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
     first rank after `warmup_steps` steps (FSDP2 and optimizers initialise lazily on the first).
     `make_step(mesh)` builds the model and returns the step; with `fake_tensors` it runs under
     FakeTensorMode, so nothing is allocated or computed and durations come from the kernel model.
-    A step may carry `meshes`, further DeviceMeshes it built, whose groups are named like the mesh's.
+    A step may carry `meshes`, further DeviceMeshes it built, whose groups are named like the mesh's,
+    and `group_labels`, {process-group name: (label, its blocks over the world)} of groups it made.
     With `measure` and `in_situ_steps`, that many steps also run at full speed (no recorder) and
     the measured durations are scaled to their median time (`scale_to_in_situ`)."""
     traces = []
@@ -64,6 +65,7 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
                 step = make_step(mesh)
                 for extra in getattr(step, "meshes", ()):
                     labels.update(mesh_groups(extra))
+                labels.update(getattr(step, "group_labels", {}))
                 for _ in range(warmup_steps):
                     step()
                 in_situ_us = time_steps_us(step, in_situ_steps) if measure and in_situ_steps else None

@@ -49,6 +49,19 @@ def test_gpt_runs_own_step_traces_per_stage_and_replays():
     assert predict(traces, load_cluster("dgx_h200"), as_classes=True).step_us > 0
 
 
+def test_gpt_runs_own_step_labels_its_groups_over_the_whole_stage():
+    """tp 2 x dp 2 with FSDP: one trace for the 4 ranks of the stage, its tp and dp groups named and
+    partitioned as GPTJob.groups() says (not just the traced rank's own block)."""
+    from echosim.validate_gpt import step_traces
+
+    job = GPTJob(model="gpt-tiny", tp=2, pp=1, dp=2, data_parallel="fsdp", global_batch=4, micro_batch=1)
+    [trace] = step_traces(job, device="cpu", in_situ_steps=1)
+    assert trace.ranks == [0, 1, 2, 3]
+    assert trace.groups == {"tp": [[0, 1], [2, 3]], "dp": [[0, 2], [1, 3]]}
+    assert {n.name for n in trace.nodes if n.group == "dp"} >= {"all_gather", "reduce_scatter"}
+    assert predict([trace], load_cluster("dgx_h200"), as_classes=True).step_us > 0
+
+
 def test_gpt_runs_own_step_refuses_what_it_cannot_run():
     from echosim.validate_gpt import step_traces
 
