@@ -106,13 +106,15 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--parallel", type=int, default=4, help="runs at a time")
     parser.add_argument("--gpus", type=int, default=0, help="spread the runs over this many GPUs (0: as visible)")
+    parser.add_argument("--sparse-extra", default="", help="more --sparse.* flags for the DSV runs, e.g. "
+                                                           "'--sparse.max-density 0.9'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     task = TASKS[args.task]
     jobs = []
     for seed in args.seeds:
         base = f"{task['common']} --seed {seed} --device {args.device}"
-        jobs += [(f"dense_s{seed}", f"{base} --sparse none"), (f"dsv_s{seed}", f"{base} --sparse dsv {task['sparse']}")]
+        jobs += [(f"dense_s{seed}", f"{base} --sparse none"), (f"dsv_s{seed}", f"{base} --sparse dsv {task['sparse']} {args.sparse_extra}")]
     with ThreadPoolExecutor(args.parallel) as pool:
         gpus = [i % args.gpus if args.gpus else None for i in range(len(jobs))]
         runs = dict(zip([name for name, _ in jobs], pool.map(lambda job, gpu: train(args.out, *job, gpu), jobs, gpus)))
@@ -129,7 +131,7 @@ def main() -> int:
                     f"{100 * (s['val_loss'] / d['val_loss'] - 1):+.1f}% | {fmt(s['stage2_from'], 'd')} | "
                     f"{fmt(s['density'], '.3f')} | {fmt(s['recall'], '.3f')} | {fmt(d['step_ms'], '.0f')} | "
                     f"{fmt(s['step_ms'], '.0f')} |")
-    print(f"task {args.task}, validation loss at the last step")
+    print(f"task {args.task} {args.sparse_extra}, validation loss at the last step")
     print("| seed | val loss dense | val loss DSV | DSV vs dense | stage 2 from | mean density in stage 2 "
           "| mean mass recall in stage 2 | dense step ms | DSV step ms |")
     print("|---|---|---|---|---|---|---|---|---|")
