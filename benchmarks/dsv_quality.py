@@ -85,7 +85,8 @@ def side_by_side(dense: Path, dsv: Path, out: Path) -> Path:
     def frames(run: Path) -> np.ndarray:
         gif = sorted((run / "samples").glob("*.gif"))[-1]
         with Image.open(gif) as image:  # Pillow directly: imageio trips on grey GIFs' palettes
-            video = np.stack([np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)])  # (T, H, W, 3)
+            frames_rgb = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
+        video = np.stack(frames_rgb)  # (T, H, W, 3)
         return np.concatenate([video[0], video[len(video) // 2], video[-1]], axis=0)
 
     left, right = frames(dense), frames(dsv)
@@ -114,7 +115,8 @@ def main() -> int:
     jobs = []
     for seed in args.seeds:
         base = f"{task['common']} --seed {seed} --device {args.device}"
-        jobs += [(f"dense_s{seed}", f"{base} --sparse none"), (f"dsv_s{seed}", f"{base} --sparse dsv {task['sparse']} {args.sparse_extra}")]
+        jobs += [(f"dense_s{seed}", f"{base} --sparse none"),
+                 (f"dsv_s{seed}", f"{base} --sparse dsv {task['sparse']} {args.sparse_extra}")]
     with ThreadPoolExecutor(args.parallel) as pool:
         gpus = [i % args.gpus if args.gpus else None for i in range(len(jobs))]
         runs = dict(zip([name for name, _ in jobs], pool.map(lambda job, gpu: train(args.out, *job, gpu), jobs, gpus)))

@@ -82,7 +82,8 @@ class DSVAttention:
         with torch.random.fork_rng(devices=[]):  # the DiT's initialisation and RNG stream stay as without DSV
             torch.manual_seed(seed)
             head_dim = model_cfg.head_dim if cfg.predictor_rope else None
-            predictors = [LowRankPredictor(model_cfg.hidden, self.heads, cfg.rank, head_dim) for _ in range(self.layers)]
+            predictors = [LowRankPredictor(model_cfg.hidden, self.heads, cfg.rank, head_dim)
+                          for _ in range(self.layers)]
         self.predictors = nn.ModuleList(predictors).to(device)
         self.optimizer = torch.optim.AdamW(self.predictors.parameters(), lr=cfg.predictor_lr, weight_decay=0.0)
         self.schedule = TwoStageSchedule(cfg)
@@ -197,9 +198,10 @@ class DSVAttention:
                                                      features=self.features, block_size=self.cfg.block_size)
         return self.cp_attention
 
-    def features(self, attn_input: Tensor, *, layer: int, rope: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
-        """attn_input (B, S/g, hidden), rope (S/g, D/2) -> q~ and k~ (B, H, S/g, 2r) of this rank's tokens, detached (the
-        graph is kept for `select`); None where `select` needs none, alike on every rank: the
+    def features(self, attn_input: Tensor, *, layer: int,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+        """attn_input (B, S/g, hidden), rope (S/g, D/2) -> q~ and k~ (B, H, S/g, 2r) of this rank's tokens,
+        detached (the graph is kept for `select`); None where `select` needs none, alike on every rank: the
         activation-checkpoint recompute, and layers that run dense under no_grad."""
         training = torch.is_grad_enabled()
         self._seq_len = attn_input.shape[1] * self.context_parallel
