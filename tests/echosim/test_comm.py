@@ -116,6 +116,13 @@ def test_measured_tables_answer_inside_a_node_and_interpolate_in_log_log():
 def test_tables_drop_stalled_points():
     from echosim.hw.calibrate_nccl import tables
 
-    samples = [{"collective": "all_reduce", "n": 2, "bytes": b, "us": t}
-               for b, t in ((1e3, 6.0), (1e6, 300.0), (2e6, 40.0), (4e6, 60.0))]
-    assert tables(samples)["all_reduce@2"] == [[1e3, 6.0], [1e6, 40.0], [2e6, 40.0], [4e6, 60.0]]
+    def table(points):
+        samples = [{"collective": "all_reduce", "n": 2, "bytes": b, "us": t} for b, t in points]
+        return tables(samples)["all_reduce@2"]
+
+    # a spike far above the log-log line through its neighbours takes that line's value
+    line = 10.0 * (40.0 / 10.0) ** 0.5
+    assert table([(1e6, 10.0), (2e6, 300.0), (4e6, 40.0)]) == [[1e6, 10.0], [2e6, pytest.approx(line)], [4e6, 40.0]]
+    # a mild bump (within SPIKE of the line) stays, except where a larger buffer ran faster
+    assert table([(1e6, 30.0), (2e6, 41.0), (4e6, 40.0), (8e6, 80.0)]) == [[1e6, 30.0], [2e6, 40.0], [4e6, 40.0],
+                                                                          [8e6, 80.0]]
