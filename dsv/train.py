@@ -233,6 +233,7 @@ class Trainer:
         if self.sparse:
             if not meta.get("sparse"):
                 raise CheckpointError(f"{path} holds no DSV state: resume it with --sparse none")
+            _check_predictors_match(path, meta["config"].get("sparse", {}), self.cfg.sparse)
             self.sparse.load_state_dict(meta["sparse"])
 
     # ------------------------------------------------------------------ one step
@@ -297,6 +298,19 @@ class Trainer:
             cond = labels if self.cfg.model.num_classes else None
             losses.append(all_reduce_mean(self.loss_on(videos, noise, t, cond).detach(), self.runtime))
         return torch.stack(losses).mean().item()
+
+
+def _check_predictors_match(path: Path, saved: dict, cfg: SparseConfig) -> None:
+    """The saved predictors fit this run's only with the same rank and position rotation (checkpoints
+    from before `predictor_rope` existed hold predictors without positions)."""
+    for name, default in (("rank", None), ("predictor_rope", False)):
+        was, now = saved.get(name, default), getattr(cfg, name)
+        if was != now:
+            option = name.replace("_", "-")
+            hint = (f"--sparse.{option}" if was else f"--no-sparse.{option}") if isinstance(was, bool) \
+                else f"--sparse.{option} {was}"
+            raise CheckpointError(f"{path} holds predictors with {name}={was}, this run asks for {now}: "
+                                  f"resume with {hint}")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -3,8 +3,10 @@ stage 2 equals the continuous run bit for bit."""
 import dataclasses
 import json
 
+import pytest
 import torch
 
+from dsv.checkpoint import CheckpointError
 from dsv.train import train
 from tests.sparse.helpers import sparse_config
 from tests.train.helpers import micro_config
@@ -33,6 +35,16 @@ def test_resume_in_stage_two_is_exact(tmp_path):
         assert torch.equal(value, ckpt_b["state"]["model"][name]), name
     for name, value in ckpt_a["meta"]["sparse"]["predictors"].items():
         assert torch.equal(value, ckpt_b["meta"]["sparse"]["predictors"][name]), name
+
+
+def test_resume_refuses_predictors_of_another_shape_or_position_setting(tmp_path):
+    cfg = micro_config(tmp_path, steps=2, sparse=sparse_config(max_dense_steps=1))
+    train(cfg)
+    for change, message in (({"predictor_rope": False}, "predictor_rope=True.*--sparse.predictor-rope"),
+                            ({"rank": 8}, "rank=16.*--sparse.rank 16")):
+        other = dataclasses.replace(cfg, steps=3, resume="auto", sparse=dataclasses.replace(cfg.sparse, **change))
+        with pytest.raises(CheckpointError, match=message):
+            train(other)
 
 
 def test_metrics_name_stage_loss_density_recall_and_phase_times(tmp_path):
