@@ -163,10 +163,15 @@ class Rotary3D(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        third = 2 * (head_dim // 6)
-        self.dims = (head_dim - 2 * third, third, third)
+        self.dims = self.axis_dims(head_dim)
         self.theta = theta
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # plain dict: not state, not seen by FSDP
+
+    @staticmethod
+    def axis_dims(head_dim: int) -> tuple[int, int, int]:
+        """Dims of head_dim that rotate with t, h and w (pairs: half of each, in that order)."""
+        third = 2 * (head_dim // 6)
+        return head_dim - 2 * third, third, third
 
     def cos_sin(self, grid: Dims, cube: Dims, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (tuple(grid), tuple(cube), device)

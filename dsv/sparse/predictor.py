@@ -28,7 +28,10 @@ over S per layer, whatever the number of sampled rows, and no M x S scores.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dsv.models.dit import Rotary3D
 
 EPS = 1e-6
 
@@ -38,8 +41,7 @@ def rotary_pairs(head_dim: int, rank: int) -> Tensor:
     axis from its highest frequency down) that the predictor's rank//2 pairs rotate by: h and w
     get ceil(n/3) each, t the rest; within an axis of m pairs, spread over its upper half of
     frequencies, ending at the middle one (near constant over a video: a content channel)."""
-    third = 2 * (head_dim // 6)
-    axis_pairs = ((head_dim - 2 * third) // 2, third // 2, third // 2)  # (t, h, w), as Rotary3D
+    axis_pairs = tuple(d // 2 for d in Rotary3D.axis_dims(head_dim))  # (t, h, w)
     n = rank // 2
     spatial = min(-(-n // 3), axis_pairs[1])
     counts = (min(n - 2 * spatial, axis_pairs[0]), spatial, spatial)
@@ -48,16 +50,6 @@ def rotary_pairs(head_dim: int, rank: int) -> Tensor:
         columns += [start + i for i in torch.linspace(0, m // 2, count).round().long().unique().tolist()]
         start += m
     return torch.tensor(columns, dtype=torch.long)
-
-
-def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, S, r) float32; cos, sin (S, n) with 2n <= r: rotates the pairs (x[2i], x[2i+1]) by
-    angle i, like the model's RoPE; dims past 2n pass through."""
-    n = cos.shape[-1]
-    pairs = x[..., :2 * n].unflatten(-1, (n, 2))  # (B, H, S, n, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)  # (B, H, S, 2n)
-    return torch.cat([rotated, x[..., 2 * n:]], dim=-1)
 
 
 class LowRankPredictor(nn.Module):
@@ -78,8 +70,12 @@ class LowRankPredictor(nn.Module):
             low_rank = self.proj(attn_input.detach().float())  # (B, S, 2 * H * r)
         q_lr, k_lr = low_rank.unflatten(-1, (2, self.heads, self.rank)).permute(2, 0, 3, 1, 4)  # (B, H, S, r)
         if rope is not None and self.pairs.numel():
-            cos, sin = (table[:, self.pairs].float() for table in rope)  # (S, n)
-            q_lr, k_lr = rotate_pairs(q_lr, cos, sin), rotate_pairs(k_lr, cos, sin)
+            even = 2 * (self.rank // 2)  # an odd rank's last dim stays unrotated
+            unused = even // 2 - len(self.pairs)  # pairs past the chosen columns: angle 0
+            cos = F.pad(rope[0][:, self.pairs].float(), (0, unused), value=1.0)  # (S, rank // 2)
+            sin = F.pad(rope[1][:, self.pairs].float(), (0, unused))
+            q_lr, k_lr = (torch.cat([Rotary3D.rotate(x[..., :even], cos, sin), x[..., even:]], -1)
+                          for x in (q_lr, k_lr))
         return q_lr, k_lr
 
 
