@@ -49,13 +49,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dsv.parallel.collectives import all_gather_into, reduce_scatter_into
 from echosim.gpt3d import GPTJob
 from echosim.pipeline import schedule_order
 from echosim.trace.gpt import GPTLayer, ParallelEmbedding, ParallelHead, sharded_part
 
-# torch 2.13 renamed these (the old names warn); torch 2.11, on the GPU image, has only the old ones
-_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 # -- where this rank sits
@@ -203,7 +201,7 @@ class FSDP(_Gradients):
     def begin(self) -> None:
         super().begin()
         if self.job.dp > 1:
-            self.gathers = [_all_gather(flat, shard, group=self.where.dp, async_op=True)
+            self.gathers = [all_gather_into(flat, shard, group=self.where.dp, async_op=True)
                             for flat, shard in zip(self.working, self.shards)]
 
     def before_forward(self, part: int, microbatch: int) -> None:
@@ -211,7 +209,7 @@ class FSDP(_Gradients):
             self.gathers[part].wait()
 
     def reduce(self, part: int) -> None:
-        self.works.append(_reduce_scatter(self.masters[part].grad, self.segments[part], group=self.where.dp,
+        self.works.append(reduce_scatter_into(self.masters[part].grad, self.segments[part], group=self.where.dp,
                                           async_op=True))
 
     def step(self) -> None:
@@ -227,7 +225,7 @@ class FSDP(_Gradients):
             return master.detach(), master.grad
         out = [torch.empty(master.numel() * self.job.dp, device=master.device) for _ in range(2)]
         for full, shard in zip(out, (master.detach(), master.grad)):
-            _all_gather(full, shard, group=self.where.dp)
+            all_gather_into(full, shard, group=self.where.dp)
         return out[0], out[1]
 
 

@@ -54,9 +54,17 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all_rows(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
 
 
-# torch 2.13 renamed these (the old names warn); torch 2.11, on the GPU image, has only the old ones
-_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+def all_gather_into(output: Tensor, input: Tensor, **kwargs):
+    """torch.distributed's all-gather into one tensor under this torch's name (2.13 renamed it
+    all_gather_single and warns on the old one; 2.11, on the GPU image, has only
+    all_gather_into_tensor). Looked up per call, so that wrappers installed on torch.distributed
+    (echosim's plausible_collectives) see it."""
+    return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(output, input, **kwargs)
+
+
+def reduce_scatter_into(output: Tensor, input: Tensor, **kwargs):
+    """torch.distributed's reduce-scatter of one tensor, named as `all_gather_into` explains."""
+    return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(output, input, **kwargs)
 
 
 class _AllGather(torch.autograd.Function):
@@ -65,12 +73,12 @@ class _AllGather(torch.autograd.Function):
         ctx.group = group
         x = x.contiguous()
         out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-        _all_gather(out, x, group=group)
+        all_gather_into(out, x, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
-        _reduce_scatter(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        reduce_scatter_into(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return out, None

@@ -187,21 +187,21 @@ def sweep(out_path: str, sizes: list[int], iters: int, warmup: int = 5) -> None:
     import torch
     import torch.distributed as dist
 
+    from dsv.parallel.collectives import all_gather_into, reduce_scatter_into
+
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13 names, 2.11's
-    reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
     samples = []
     for size in sizes:
         numel = size // dtype.itemsize
         full, out = torch.zeros(numel, dtype=dtype, device=device), torch.zeros(numel, dtype=dtype, device=device)
         shard = torch.zeros(numel // n, dtype=dtype, device=device)
-        calls = {"all_gather": lambda: all_gather(full, shard),
-                 "reduce_scatter": lambda: reduce_scatter(shard, full),
+        calls = {"all_gather": lambda: all_gather_into(full, shard),
+                 "reduce_scatter": lambda: reduce_scatter_into(shard, full),
                  "all_reduce": lambda: dist.all_reduce(full),
                  "all_to_all": lambda: dist.all_to_all_single(out, full),
                  "broadcast": lambda: dist.broadcast(full, src=0),

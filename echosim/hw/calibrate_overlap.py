@@ -88,22 +88,21 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from dsv.parallel.collectives import all_gather_into, reduce_scatter_into
     from echosim.hw.calibrate_kernels import time_us
 
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     n = dist.get_world_size()
     bf16 = dict(dtype=torch.bfloat16, device="cuda")
-    all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13 names, 2.11's
-    reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
     comm_stream = torch.cuda.Stream()
 
     def collective(name: str, size: int):
         full, out = torch.empty(size // 2, **bf16), torch.empty(size // 2, **bf16)
         shard = torch.empty(size // 2 // n, **bf16)
         return {"all_reduce": lambda: dist.all_reduce(full, async_op=True),
-                "all_gather": lambda: all_gather(full, shard, async_op=True),
-                "reduce_scatter": lambda: reduce_scatter(shard, full, async_op=True),
+                "all_gather": lambda: all_gather_into(full, shard, async_op=True),
+                "reduce_scatter": lambda: reduce_scatter_into(shard, full, async_op=True),
                 "all_to_all": lambda: dist.all_to_all_single(out, full, async_op=True)}[name]
 
     def kernel(cls: str, size: int):
