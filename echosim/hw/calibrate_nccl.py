@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echosim.comm import RING_FACTORS, CommModel
+from echosim.comm import RING_FACTORS, CommModel, interpolate
 from echosim.engine import CollectiveCall
 from echosim.hw import Cluster
 
@@ -101,10 +101,9 @@ def _despike(points: list[list[float]]) -> list[list[float]]:
     16 MiB 2.1x); the held-out sizes are not used."""
     out = [list(p) for p in points]
     for i in range(1, len(points) - 1):
-        (s0, t0), (s, t), (s1, t1) = points[i - 1], points[i], points[i + 1]
-        frac = math.log(s / s0) / math.log(s1 / s0)
-        line = t0 * (t1 / t0) ** frac
-        if t > SPIKE * line:
+        size, us = points[i]
+        line = interpolate([points[i - 1], points[i + 1]], size)
+        if us > SPIKE * line:
             out[i][1] = line
     return out
 

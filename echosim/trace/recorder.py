@@ -84,7 +84,6 @@ class Recorder(TorchDispatchMode):
         self._consumer: dict[int, int] = {}  # collective node -> first compute node that read its output
         self._gathers: list[int] = []  # all-gather nodes in issue order
 
-    # -- dependencies through storage
     def __enter__(self):
         if self._profiler:
             self._profiler.__enter__()
@@ -98,6 +97,7 @@ class Recorder(TorchDispatchMode):
             self._profiler.__exit__(*exc)
         return out
 
+    # -- dependencies through storage
     def _storage_key(self, t: torch.Tensor) -> int | None:
         try:
             return t.untyped_storage()._cdata
