@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
@@ -48,6 +49,16 @@ class HeadAssignment:
     def counts(self) -> list[int]:
         """Number of heads per rank."""
         return [self.owners.count(r) for r in range(self.ranks)]
+
+    def order_on(self, device: torch.device, *, inverse: bool = False) -> Tensor:
+        """`order` (or `inverse_order`) as an index tensor on `device`, made once per device: an
+        index from a Python list is copied from pageable memory at every use, and on CUDA such
+        a copy waits for the stream to drain (a host sync per layer and tensor)."""
+        cache = self.__dict__.setdefault("_orders_on", {})  # frozen: cached like the properties
+        key = (str(device), inverse)
+        if key not in cache:
+            cache[key] = torch.tensor(self.inverse_order if inverse else self.order, device=device)
+        return cache[key]
 
     def heads_of(self, rank: int) -> list[int]:
         return [h for h in self.order if self.owners[h] == rank]
@@ -95,7 +106,7 @@ def scatter_heads(x: Tensor, assignment: HeadAssignment, group: ProcessGroup) ->
     the whole (group's) sequence of the heads this rank owns, ascending head id."""
     rank, g = _check_group(assignment, group, x.shape[1])
     b, _, s_loc, d = x.shape
-    send = x[:, assignment.order].transpose(0, 1)  # (H, B, S_loc, D), heads by owner
+    send = x.index_select(1, assignment.order_on(x.device)).transpose(0, 1)  # (H, B, S_loc, D), heads by owner
     mine = assignment.counts[rank]
     recv = all_to_all(send, assignment.counts, [mine] * g, group)  # (g * H_r, B, S_loc, D), by source rank
     recv = recv.view(g, mine, b, s_loc, d).permute(2, 1, 0, 3, 4)  # (B, H_r, g, S_loc, D)
@@ -108,7 +119,7 @@ def gather_heads(y: Tensor, assignment: HeadAssignment, group: ProcessGroup) -> 
     b, mine, s, d = y.shape
     send = y.view(b, mine, g, s // g, d).permute(2, 1, 0, 3, 4).reshape(g * mine, b, s // g, d)  # by target rank
     recv = all_to_all(send, [mine] * g, assignment.counts, group)  # (H, B, S_loc, D), heads by owner
-    return recv.transpose(0, 1)[:, assignment.inverse_order]  # (B, H, S_loc, D)
+    return recv.transpose(0, 1).index_select(1, assignment.order_on(recv.device, inverse=True))  # (B, H, S_loc, D)
 
 
 def _check_group(assignment: HeadAssignment, group: ProcessGroup, heads: int) -> tuple[int, int]:
