@@ -5,6 +5,8 @@ ready when its stream predecessor and its dependencies have finished. A compute 
 runs for its duration; a communication node *arrives* at its rendezvous and starts only when
 the last member of its group has arrived (matched by the order of collectives on the group,
 as NCCL orders them on a communicator). Ties break by `seq`, so replays are deterministic.
+Where nodes carry `host_us`, no node starts (or arrives) before the host has issued it: the
+host issues a rank's nodes in trace order, each after the ones before it, never waiting for the GPU.
 
 At scale, identical ranks are replayed once (`as_classes`): one representative per trace, with
 its group peers implied. An overlap model slows compute exactly while collectives run beside it.
@@ -77,9 +79,16 @@ class _Plan:
     indegree: list[int]
     match_seq: list[int]  # COMM position -> how many earlier nodes share its rendezvous stream
     duration: list[float]  # COMP position -> microseconds
+    issued: list[float]  # position -> when the host has issued it, microseconds from the step's start
 
 
-def _plan(trace: Trace, compute_us: ComputeModel) -> _Plan:
+def host_measured(trace: Trace) -> bool:
+    """Whether the trace's timing already has the host in it: its nodes carry `host_us`, or its
+    durations were scaled to a full-speed step (gaps and all) before host times existed."""
+    return "host_us" in trace.meta or "in_situ_step_us" in trace.meta or any(n.host_us is not None for n in trace.nodes)
+
+
+def _plan(trace: Trace, compute_us: ComputeModel, comm_host_us: float = 0.0, host_us_per_op: float = 0.0) -> _Plan:
     position = {n.id: i for i, n in enumerate(trace.nodes)}
     successors: list[list[int]] = [[] for _ in trace.nodes]
     indegree = [0] * len(trace.nodes)
@@ -109,7 +118,15 @@ def _plan(trace: Trace, compute_us: ComputeModel) -> _Plan:
             if key not in modelled:
                 modelled[key] = compute_us(n)
             duration[i] = modelled[key]
-    return _Plan(trace=trace, successors=successors, indegree=indegree, match_seq=match_seq, duration=duration)
+    measured = host_measured(trace)
+    default = 0.0 if measured else host_us_per_op
+    if measured or default:
+        issued = list(itertools.accumulate((default if n.host_us is None else n.host_us) + comm_host_us * n.is_comm
+                                           for n in trace.nodes))
+    else:
+        issued = [0.0] * len(trace.nodes)
+    return _Plan(trace=trace, successors=successors, indegree=indegree, match_seq=match_seq, duration=duration,
+                 issued=issued)
 
 
 def assign_roles(traces: list[Trace]) -> list[Trace]:
@@ -166,7 +183,8 @@ class _Job:
 
 
 def simulate(traces: list[Trace], *, compute_us: ComputeModel, collective_us: CollectiveModel,
-             as_classes: bool = False, overlap: OverlapModel | None = None) -> Timeline:
+             as_classes: bool = False, overlap: OverlapModel | None = None, comm_host_us: float = 0.0,
+             host_us_per_op: float = 0.0) -> Timeline:
     """Replay all ranks' traces together and return the timeline.
 
     With `as_classes`, each trace is one class of identical ranks: only its first rank (the
@@ -174,15 +192,19 @@ def simulate(traces: list[Trace], *, compute_us: ComputeModel, collective_us: Co
     group block spans, and the communication model is still asked with the full block. With an
     `overlap` model, a compute node progresses at 1/factor of its speed exactly while
     collectives run on its rank (factor from the model, re-evaluated when one starts or ends).
+    Traces without a measured host (`host_measured`) issue every node in `host_us_per_op` (the
+    GPU profile's); `comm_host_us` is what the host takes longer to issue a real collective than
+    a traced one (the cluster's `collective_host_us`), added to communication nodes wherever
+    the host is modelled.
     """
     with paused_gc():
-        return _simulate(traces, compute_us, collective_us, as_classes, overlap)
+        return _simulate(traces, compute_us, collective_us, as_classes, overlap, comm_host_us, host_us_per_op)
 
 
 def _simulate(traces: list[Trace], compute_us: ComputeModel, collective_us: CollectiveModel, as_classes: bool,
-              overlap: OverlapModel | None) -> Timeline:
+              overlap: OverlapModel | None, comm_host_us: float, host_us_per_op: float) -> Timeline:
     by_rank = assign_roles(traces)
-    plans = {id(t): _plan(t, compute_us) for t in traces}
+    plans = {id(t): _plan(t, compute_us, comm_host_us, host_us_per_op) for t in traces}
     if as_classes:
         rep_of = [t.ranks[0] for t in by_rank]
         simulated = sorted(t.ranks[0] for t in traces)
@@ -219,11 +241,12 @@ def _simulate(traces: list[Trace], compute_us: ComputeModel, collective_us: Coll
         """Collectives on `rank` changed: bring its compute jobs up to date and reschedule them."""
         calls, plan = list(running[rank].values()), plan_of[rank]
         for pos, job in active[rank].items():
-            job.left = max(0.0, job.left - (time - job.since) / job.factor)
-            job.since = time
+            now = max(time, job.since)  # a job the host has not issued yet has not begun
+            job.left = max(0.0, job.left - (now - job.since) / job.factor)
+            job.since = now
             job.factor = overlap(plan.trace.nodes[pos], plan.duration[pos], calls) if calls else 1.0
             job.seq = next(order)
-            heapq.heappush(heap, (time + job.left * job.factor, job.seq, rank, pos))
+            heapq.heappush(heap, (now + job.left * job.factor, job.seq, rank, pos))
 
     def start_comm(key: tuple, members: list[int]) -> None:
         arrived = arrivals.pop(key)
@@ -243,6 +266,7 @@ def _simulate(traces: list[Trace], compute_us: ComputeModel, collective_us: Coll
 
     def ready(rank: int, pos: int, time: float) -> None:
         node = plan_of[rank].trace.nodes[pos]
+        time = max(time, plan_of[rank].issued[pos])
         if not node.is_comm:
             calls = running[rank]
             isolated = plan_of[rank].duration[pos]

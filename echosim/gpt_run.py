@@ -53,6 +53,7 @@ from dsv.parallel.collectives import all_gather_into, reduce_scatter_into
 from echosim.gpt3d import GPTJob
 from echosim.pipeline import schedule_order
 from echosim.trace.gpt import GPTLayer, ParallelEmbedding, ParallelHead, sharded_part
+from echosim.trace.host import host_fields, profile_host
 
 
 
@@ -368,8 +369,9 @@ def run_job(job: GPTJob, steps: int, warmup: int, *, device: str | None = None,
             dtype: torch.dtype | None = None) -> dict:
     """Run `warmup + steps` training steps of `job` on every rank of the initialised world (its
     size must be the job's). Returns median_ms and all_ms over the timed steps, each the slowest
-    rank's (CUDA events on the GPU, the wall clock on the CPU), and loss: every step's mean loss
-    over the global batch, warm-up included. bf16 on CUDA, float32 on the CPU unless `dtype`."""
+    rank's (CUDA events on the GPU, the wall clock on the CPU), loss: every step's mean loss
+    over the global batch, warm-up included, and host: one more step of this rank profiled
+    (echosim.trace.host.host_fields). bf16 on CUDA, float32 on the CPU unless `dtype`."""
     problem = job_problem(job)
     if problem:
         raise ValueError(problem)
@@ -397,10 +399,13 @@ def run_job(job: GPTJob, steps: int, warmup: int, *, device: str | None = None,
     slowest = torch.tensor(times, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     dist.all_reduce(losses)
+    dist.barrier()
+    host = profile_host(lambda: stage.step(global_batch(job, 0, device)))  # one more step, profiled
     for group in {where.tp, where.dp, where.pp}:
         dist.destroy_process_group(group)
     ms = slowest.tolist()[warmup:]
-    return {"job": asdict(job), "median_ms": statistics.median(ms), "all_ms": ms, "loss": losses.tolist()}
+    return {"job": asdict(job), "median_ms": statistics.median(ms), "all_ms": ms, "loss": losses.tolist(),
+            "host": host_fields(host)}
 
 
 def main(argv: list[str] | None = None) -> None:

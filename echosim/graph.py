@@ -18,6 +18,9 @@ A trace is plain JSON, close to MLCommons Chakra execution traces:
 - Order: nodes on one stream run in list order (CUDA stream semantics); `deps` are data and
   control dependencies on earlier nodes of the same trace.
 - COMP nodes carry `duration_us` when measured, else shapes/flops/bytes for the kernel model.
+- Any node may carry `host_us`: the host's time to issue it (Python, autograd, the launch),
+  measured. The host issues nodes in list order, so node i cannot start before the sum of
+  `host_us` over nodes 0..i; without it the host is never the limit.
 - COMM nodes carry `bytes`: the collective's buffer size S (all-gather: gathered output;
   reduce-scatter: unreduced input; all-reduce, broadcast: the tensor; all-to-all: this
   rank's input, with `split_bytes` per destination when uneven; send/recv: the message).
@@ -47,6 +50,7 @@ class Node:
     stream: str  # "compute", or a communication stream ("ag", "rs", ...)
     deps: list[int] = field(default_factory=list)
     duration_us: float | None = None  # measured time; None: ask the kernel-time model
+    host_us: float | None = None  # measured time the host takes to issue it; None: none
     shapes: list[list[int]] = field(default_factory=list)
     dtype: str = ""
     flops: float = 0.0
@@ -78,7 +82,7 @@ class Trace:
         raise TraceError(f"rank {rank} is in no block of group {group!r}: {self.groups[group]}")
 
     def to_json(self) -> dict:
-        defaults = {"duration_us": None, "shapes": [], "dtype": "", "flops": 0.0, "bytes": 0.0,
+        defaults = {"duration_us": None, "host_us": None, "shapes": [], "dtype": "", "flops": 0.0, "bytes": 0.0,
                     "group": "", "peer": None, "split_bytes": None}
         nodes = [{k: v for k, v in asdict(n).items() if k not in defaults or v != defaults[k]}
                  for n in self.nodes]

@@ -29,9 +29,10 @@ from echosim.hw import Cluster
 from echosim.simulate import predict
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
+from echosim.trace.host import host_fields, profile_host
 
 WARMUP_STEPS = 2
-IN_SITU_STEPS = 3
+IN_SITU_STEPS = 5
 
 
 def workload_traces(workload: DiTWorkload, world_size: int, *, measure: bool) -> list[Trace]:
@@ -119,8 +120,11 @@ def main(workloads_json: str, steps: int, out_path: str) -> None:
         try:
             shape = workload.mesh_shape(dist.get_world_size())
             mesh = init_device_mesh("cuda" if cuda else "cpu", tuple(shape.values()), mesh_dim_names=tuple(shape))
-            times = _time_steps(workload.make_step(mesh), steps, cuda)
-            results.append({"median_ms": statistics.median(times), "all_ms": times})
+            step = workload.make_step(mesh)
+            times = _time_steps(step, steps, cuda)
+            dist.barrier()
+            host = host_fields(profile_host(step))  # one more step, profiled: this rank's host and GPU time
+            results.append({"median_ms": statistics.median(times), "all_ms": times, "host": host})
         except Exception:  # noqa: BLE001 - one failed configuration must not lose the others
             results.append({"error": traceback.format_exc()})
         if cuda:

@@ -54,7 +54,7 @@ def predicted_gpt_ms(job: GPTJob, cluster: Cluster, *, overlap: OverlapModel | N
     return predict(traces, cluster, as_classes=True, overlap=overlap).step_us / 1e3
 
 
-def step_traces(job: GPTJob, *, device: str | None = None, in_situ_steps: int = 3) -> list[Trace]:
+def step_traces(job: GPTJob, *, device: str | None = None, in_situ_steps: int = 5) -> list[Trace]:
     """One trace per pipeline stage of gpt_run's own step, traced as the stage's first rank under
     the fake process group with every op timed on this device and scaled to that rank's
     full-speed step (as the DiT is traced: echosim.validate.workload_traces). Host-bound steps

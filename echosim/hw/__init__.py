@@ -26,6 +26,8 @@ class GpuProfile:
     launch_us: float  # fixed cost added to every modelled kernel
     memory_GB: float = 0.0  # device memory (GB = 1e9 bytes); 0: unknown, nothing is flagged out of memory
     kernels: dict[str, float] = field(default_factory=dict)  # kernel-time database: key -> microseconds
+    host_us_per_op: float = 0.0  # the host's time to issue one traced op in eager PyTorch, for traces
+    # without a measured host (echosim.engine.host_measured); measured from full-speed steps
     notes: str = ""
 
 
@@ -51,6 +53,7 @@ class Cluster:
     protocols: dict[str, Protocol]
     collective_bw: dict[str, float] = field(default_factory=dict)  # "all_gather@4" -> bandwidth multiplier
     tables: dict[str, list[list[float]]] = field(default_factory=dict)  # "all_gather@4" -> [[bytes, us], ...]
+    collective_host_us: float = 0.0  # host time a real collective call takes beyond a fake one (calibrate_host)
     measured: bool = False
     notes: str = ""
 

@@ -2,6 +2,7 @@
 that traces each role's step in it."""
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from echosim.engine import simulate
 from echosim.graph import Trace, validate
+from echosim.trace.host import profile_host
 from echosim.trace.recorder import Recorder, unrecorded
 
 StepFactory = Callable[[DeviceMesh], Callable[[], None]]
@@ -55,7 +57,7 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
     A step may carry `meshes`, further DeviceMeshes it built, whose groups are named like the mesh's,
     and `group_labels`, {process-group name: (label, its blocks over the world)} of groups it made.
     With `measure` and `in_situ_steps`, that many steps also run at full speed (no recorder) and
-    the measured durations are scaled to their median time (`scale_to_in_situ`)."""
+    the trace is fitted to their median time (`fit_to_in_situ`)."""
     traces = []
     for ranks in roles:
         with fake_world(rank=ranks[0], mesh_shape=mesh_shape, device=device) as mesh:
@@ -68,31 +70,40 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
                 labels.update(getattr(step, "group_labels", {}))
                 for _ in range(warmup_steps):
                     step()
-                in_situ_us = time_steps_us(step, in_situ_steps) if measure and in_situ_steps else None
+                gc.collect()  # time the steps from a clean heap, as a training loop settles into
+                in_situ = time_steps_us(step, in_situ_steps) if measure and in_situ_steps else None
+                host = None
+                if in_situ is not None and device != "cpu":
+                    FILL_CLOCK.start()
+                    profile = profile_host(step)
+                    fills_us = FILL_CLOCK.stop_us()
+                    host = (max(0.0, in_situ[1] - profile.blocked_us), profile.gpu_busy_us - fills_us)
                 with Recorder(group_labels=labels, measure=measure) as recorder:
                     step()
             trace = recorder.trace(ranks=list(ranks), meta={**(meta or {}), "traced_rank": ranks[0],
                                                             "mesh": mesh_shape})
         validate(trace, source=f"trace of rank {ranks[0]}")
-        if in_situ_us is not None:
-            scale_to_in_situ(trace, in_situ_us)
+        if in_situ is not None:
+            fit_to_in_situ(trace, in_situ[0], *(host or ()))
         traces.append(trace)
     return traces
 
 
-def time_steps_us(step: Callable[[], None], steps: int) -> float:
-    """Median wall time of `steps` full-speed steps (synchronised around each) less the time of
-    the fake collectives and fills the compute stream waited for (`FillClock`), microseconds."""
+def time_steps_us(step: Callable[[], None], steps: int) -> tuple[float, float]:
+    """Medians over `steps` full-speed steps, microseconds: the step (synchronised around it)
+    less the fake collectives and fills the compute stream waited for (`FillClock`), and the
+    host's time until step() returned."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = []
+    times, host = [], []
     for _ in range(steps):
         sync()
         FILL_CLOCK.start()
         began = time.perf_counter()
         step()
+        host.append(1e6 * (time.perf_counter() - began))
         sync()
         times.append(1e6 * (time.perf_counter() - began) - FILL_CLOCK.stop_us())
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(host)
 
 
 class FillClock:
@@ -140,26 +151,74 @@ class FillClock:
 FILL_CLOCK = FillClock()
 
 
-def _alone(trace: Trace) -> Trace:
+def _alone(trace: Trace, *, kernels: float = 1.0, host: float | None = 1.0) -> Trace:
     """The trace as one rank whose communication takes no time (as under the fake group): every
-    collective, send and receive becomes an instant compute node, so no peer is needed."""
-    nodes = [replace(n, kind="COMP", duration_us=0.0, group="", bytes=0.0, peer=None, split_bytes=None)
-             if n.is_comm else n for n in trace.nodes]
-    return Trace(world_size=1, ranks=[0], groups={}, nodes=nodes)
+    collective, send and receive becomes an instant compute node, so no peer is needed. Measured
+    compute durations are multiplied by `kernels`, host times by `host` (None: no host)."""
+    def alone(n):
+        duration = 0.0 if n.is_comm else (None if n.duration_us is None else n.duration_us * kernels)
+        return replace(n, kind="COMP", duration_us=duration, group="", bytes=0.0, peer=None, split_bytes=None,
+                       host_us=None if host is None or n.host_us is None else n.host_us * host)
+    return Trace(world_size=1, ranks=[0], groups={}, nodes=[alone(n) for n in trace.nodes])
 
 
-def scale_to_in_situ(trace: Trace, in_situ_us: float) -> None:
-    """Scale every measured compute duration by in-situ step / the trace's own replay with free
-    collectives. Kernel times profiled one op at a time miss what a full-speed step adds: GPU
-    idle between kernels the host launches late, clocks that drop under sustained load. The
-    tracing GPU's own full-speed step of the same rank (collectives return at once under the
-    fake process group) carries both; the factor spreads them over the ops."""
-    free = simulate([_alone(trace)], compute_us=None, collective_us=None).step_us
-    factor = in_situ_us / free
+def _replay_us(trace: Trace) -> float:
+    return simulate([trace], compute_us=None, collective_us=None).step_us
+
+
+KERNEL_SCALES = (0.5, 3.0)  # the range a full-speed step may scale profiled kernel times by
+
+
+def fit_to_in_situ(trace: Trace, in_situ_us: float, host_us: float | None = None,
+                   gpu_busy_us: float | None = None) -> None:
+    """Make the trace's replay alone, with free collectives, take the rank's full-speed step under
+    the fake group (`in_situ_us`), as host pace and kernel slowdown.
+
+    Kernel times profiled one op at a time miss what a full-speed step adds: GPU idle while the
+    host issues the next kernels, and clocks that drop under sustained load. The host's time
+    for the step without its waits for the GPU (`host_us`, echosim.trace.host) is its pace: each
+    node's `host_us` becomes its recorded CPU time plus an equal share of what the recorded times
+    leave (Python, autograd: host work no op range sees), or the recorded times scaled down to
+    `host_us` if they exceed it. Kernels are then scaled by the factor (within KERNEL_SCALES)
+    that makes the replay, host included, take `in_situ_us`; where the host alone makes it
+    longer even with the fastest kernels, the host is scaled down instead (kernels by the
+    full-speed GPU busy time over the profiled, `gpu_busy_us`, kept for the record). Without
+    `host_us` (CPU runs: the host is the device) every duration is scaled by in-situ step /
+    replay, and the host is not modelled."""
+    free = _replay_us(_alone(trace, host=None))
+    meta = {"in_situ_step_us": in_situ_us, "replay_step_us": free}
+    if host_us is None:
+        kernels, host = in_situ_us / free, None
+        for node in trace.nodes:
+            node.host_us = None
+    else:
+        recorded = sum(n.host_us or 0.0 for n in trace.nodes)
+        share = max(0.0, host_us - recorded) / len(trace.nodes)
+        shrink = min(1.0, host_us / recorded) if recorded else 1.0
+        for node in trace.nodes:
+            node.host_us = (node.host_us or 0.0) * shrink + share
+        host = 1.0
+        if _replay_us(_alone(trace, kernels=KERNEL_SCALES[0])) <= in_situ_us:
+            kernels = _solve(lambda f: _replay_us(_alone(trace, kernels=f)), in_situ_us, *KERNEL_SCALES)
+        else:
+            profiled = sum(n.duration_us or 0.0 for n in trace.nodes if n.kind == "COMP")
+            kernels = min(max(gpu_busy_us / profiled, KERNEL_SCALES[0]), 1.0) if gpu_busy_us and profiled else 1.0
+            host = _solve(lambda g: _replay_us(_alone(trace, kernels=kernels, host=g)), in_situ_us, 0.0, 1.0)
+        meta.update(host_us=host_us, host_recorded_us=recorded, gpu_busy_us=gpu_busy_us, host_scale=host)
     for node in trace.nodes:
         if node.kind == "COMP" and node.duration_us is not None:
-            node.duration_us *= factor
-    trace.meta.update(in_situ_step_us=in_situ_us, replay_step_us=free, in_situ_scale=factor)
+            node.duration_us *= kernels
+        if node.host_us is not None:
+            node.host_us *= host
+    trace.meta.update(meta, in_situ_scale=kernels)
+
+
+def _solve(replay: Callable[[float], float], target: float, low: float, high: float, steps: int = 30) -> float:
+    """x in [low, high] with replay(x) = target, replay non-decreasing (bisection; an end if none)."""
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (mid, high) if replay(mid) < target else (low, mid)
+    return (low + high) / 2
 
 
 def fill_gathered(gathered: torch.Tensor, shard: torch.Tensor) -> None:

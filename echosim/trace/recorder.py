@@ -15,8 +15,9 @@ storage, so they need no nodes of their own). Streams mirror FSDP2's CUDA stream
 
 With `measure=True` (CUDA tensors) the step runs under torch.profiler and each compute op's
 duration is the GPU time of the kernels it launched, as CUPTI recorded them: the recorder's
-own host overhead, launch latency and interpreter pauses never enter a duration. Without
-CUDA the duration is the op's CPU time.
+own host overhead, launch latency and interpreter pauses never enter a duration; the op's
+CPU time becomes its `host_us` (the share of the host's pace it gets; see
+fake_world.fit_to_in_situ). Without CUDA the duration is the op's CPU time.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.autograd import DeviceType
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -195,7 +197,12 @@ class Recorder(TorchDispatchMode):
                 if event.name.startswith(MEASURE_TAG):
                     node_id = self._measured[int(event.name.removeprefix(MEASURE_TAG))]
                     if node_id >= 0:
-                        busy = event.device_time_total if self._cuda else event.cpu_time_total
-                        self.nodes[node_id].duration_us = float(busy)
+                        node = self.nodes[node_id]
+                        if not self._cuda:  # the CPU runs the op itself: its CPU time is its duration
+                            node.duration_us = float(event.cpu_time_total)
+                            continue
+                        node.duration_us = float(event.device_time_total)
+                        if event.device_type == DeviceType.CPU:  # not the range's GPU-side annotation
+                            node.host_us = float(event.cpu_time_total)
         return Trace(world_size=dist.get_world_size(), ranks=ranks, groups=dict(self.groups),
                      nodes=list(self.nodes), meta=meta or {})

@@ -158,3 +158,51 @@ def test_overlap_slows_compute_exactly_while_a_collective_runs():
     assert set(seen) == {("op0", 100, ("all_reduce",)), ("op4", 10, ("all_reduce",))}
     plain = simulate([trace(nodes)], compute_us=None, collective_us=fixed(30))
     assert spans_by(plain)["op0"] == (0, 100)
+
+
+def hosted(node, host_us):
+    node.host_us = host_us
+    return node
+
+
+def test_no_node_starts_before_the_host_has_issued_it():
+    # the host issues op0 at 5, op1 at 5 + 40 = 45, op2 at 50: op1 waits for the host (GPU idle 15..45),
+    # op2 waits for op1 (the host is ahead again)
+    nodes = [hosted(comp(0, 10), 5), hosted(comp(1, 10), 40), hosted(comp(2, 10), 5)]
+    tl = simulate([trace(nodes)], compute_us=None, collective_us=fixed(0))
+    assert spans_by(tl) == {"op0": (5, 15), "op1": (45, 55), "op2": (55, 65)}
+
+
+def test_a_slow_collective_hides_the_host_gap_behind_it():
+    # the host issues op0 at 10, the all-reduce at 10 and op2 at 50; op2 needs the all-reduce.
+    # A free collective leaves the GPU waiting for the host (op2 at 50); a 100 us one hides the
+    # host gap entirely (op2 at 120, as without a host): host and collective time overlap, they do not add.
+    nodes = [hosted(comp(0, 10), 10), hosted(coll(1, deps=[0]), 0), hosted(comp(2, 10, deps=[1]), 40)]
+    free = simulate([trace(nodes, ranks=[0, 1], world=2)], compute_us=None, collective_us=fixed(0))
+    slow = simulate([trace(nodes, ranks=[0, 1], world=2)], compute_us=None, collective_us=fixed(100))
+    assert spans_by(free)["op2"] == (50, 60) and spans_by(slow)["op2"] == (120, 130)
+
+
+def test_a_job_issued_later_is_not_advanced_by_an_overlapping_collective():
+    # op2 is issued at 60 but becomes ready at 0 on its own stream; the all-reduce [0, 30) overlaps
+    # nothing that has begun, so op2 runs [60, 70) unslowed
+    nodes = [hosted(coll(0), 0), comp(1, 5, stream="side"), hosted(comp(2, 10, stream="late"), 60)]
+    tl = simulate([trace(nodes)], compute_us=None, collective_us=fixed(30), overlap=lambda *a: 2.0)
+    assert spans_by(tl)["op2"] == (60, 70)
+
+
+def test_real_collectives_cost_the_host_more_than_traced_ones():
+    # +25 us of host per collective: op2 is issued at 10 + 25 + 40 = 75 instead of 50
+    nodes = [hosted(comp(0, 10), 10), hosted(coll(1, deps=[0]), 0), hosted(comp(2, 10, deps=[1]), 40)]
+    tl = simulate([trace(nodes, ranks=[0, 1], world=2)], compute_us=None, collective_us=fixed(0), comm_host_us=25)
+    assert spans_by(tl)["op2"] == (75, 85)
+
+
+def test_traces_without_a_measured_host_issue_each_op_in_the_profiles_time():
+    # 5 us kernels issued every 20 us: the host sets the pace (3 x 20 + 5); a trace scaled to a
+    # full-speed step before host times existed already has the host in its durations
+    nodes = [comp(0, 5), comp(1, 5), comp(2, 5)]
+    assert simulate([trace(nodes)], compute_us=None, collective_us=fixed(0), host_us_per_op=20).step_us == 65
+    scaled = trace(nodes)
+    scaled.meta["in_situ_step_us"] = 15.0
+    assert simulate([scaled], compute_us=None, collective_us=fixed(0), host_us_per_op=20).step_us == 15
