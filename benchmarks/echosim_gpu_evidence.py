@@ -10,6 +10,8 @@ Stages, each on its own (a failure is logged in the folder and the next stage st
   kernels  `echosim calibrate --kernels` sweeps (roofline efficiencies, launch cost): gpu_profile.json
   nccl     `echosim calibrate --nccl` sweeps (forced protocols, NCCL's default at the table's sizes
            and at held-out sizes between them), 2 and 4 GPUs: nccl.json
+  nccl_default  NCCL's default sweeps alone, replacing those of the folder's nccl.json
+  host     host time of a real collective call beyond a fake one (calibrate_host), 2 and 4 GPUs: host.json
   overlap  `echosim calibrate --overlap` sweep on 4 GPUs: overlap.json
   gpt      real steps of echosim.validate_gpt's SUITE on 2 and 4 GPUs: gpt_steps.json
   gpt_traces  each SUITE job's stage traces, every op timed on one GPU: gpt3d's, composed from
@@ -116,9 +118,10 @@ def stage_gpt(out: Path, steps: int) -> None:
     (out / "gpt_steps.json").write_text(json.dumps([{"job": asdict(j), **r} for j, r in zip(jobs, results)], indent=1))
 
 
-def stage_gpt_traces(out: Path) -> None:
+def stage_gpt_traces(out: Path, kinds: list[str]) -> None:
     """Per SUITE job: gpt3d's stage traces composed from parts timed on this GPU (g<i>.json), and
-    gpt_run's own step traced one stage at a time, scaled to its full-speed run (s<i>.json)."""
+    gpt_run's own step traced one stage at a time, fitted to its full-speed run (s<i>.json); `kinds`
+    picks "g", "s" or both."""
     from echosim.gpt3d import gpt_traces
     from echosim.validate_gpt import SUITE, step_traces
 
@@ -126,8 +129,9 @@ def stage_gpt_traces(out: Path) -> None:
     device = "cpu" if SMOKE else "cuda"
     (out / "gpt_traces").mkdir(exist_ok=True)
     for i, job in enumerate(jobs):
-        for prefix, make in (("g", lambda: gpt_traces(job, device=device, measure=True)),
-                             ("s", lambda: step_traces(job, device=device))):
+        makers = {"g": lambda: gpt_traces(job, device=device, measure=True), "s": lambda: step_traces(job, device=device)}
+        for prefix in kinds:
+            make = makers[prefix]
             try:
                 traces = make()
                 (out / "gpt_traces" / f"{prefix}{i}.json").write_text(json.dumps([t.to_json() for t in traces]))
@@ -153,6 +157,28 @@ def stage_nccl(out: Path, cluster: str) -> None:
     (out / "nccl.json").write_text(json.dumps(sweeps))
 
 
+def stage_nccl_default(out: Path) -> None:
+    """NCCL's default sweeps alone (tables and held-out sizes), replacing those of an nccl.json
+    already in the folder and keeping its forced-protocol sweeps."""
+    from echosim.hw.calibrate_nccl import default_sweeps
+
+    path = out / "nccl.json"
+    sweeps = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(sweeps | default_sweeps([2] if SMOKE else [2, 4], below=2**17 if SMOKE else None)))
+
+
+def stage_host(out: Path, gpus: int) -> None:
+    """Host cost of a real collective call beyond a fake one (echosim.hw.calibrate_host), per GPU count."""
+    results = []
+    for n in sorted({2, gpus}):
+        path = out / f"host_{n}.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                        "-m", "echosim.hw.calibrate_host", str(path)], check=True)
+        results.append(json.loads(path.read_text()))
+        path.unlink()
+    (out / "host.json").write_text(json.dumps(results, indent=1))
+
+
 def stage_overlap(out: Path, gpus: int) -> None:
     from echosim.hw.calibrate_overlap import run_sweep
 
@@ -168,6 +194,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per real run, after 2 warm-up steps")
     parser.add_argument("--stages", nargs="+",
                         default=["steps", "traces", "kernels", "nccl", "overlap", "gpt", "gpt_traces"])
+    parser.add_argument("--gpt-traces", nargs="+", choices=("g", "s"), default=["g", "s"],
+                        help="gpt_traces stage: gpt3d's parts (g), gpt_run's own step (s)")
     parser.add_argument("--smoke", action="store_true", help="rehearse on CPU: tiny workloads, small buffers")
     parser.add_argument("--trace-worker", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,7 +206,8 @@ def main() -> None:
     stages = {"steps": lambda: stage_steps(out, args.steps), "traces": lambda: stage_traces(out, args.gpus),
               "kernels": lambda: stage_kernels(out, args.gpu), "nccl": lambda: stage_nccl(out, args.cluster),
               "overlap": lambda: stage_overlap(out, args.gpus), "gpt": lambda: stage_gpt(out, args.steps),
-              "gpt_traces": lambda: stage_gpt_traces(out)}
+              "gpt_traces": lambda: stage_gpt_traces(out, args.gpt_traces),
+              "nccl_default": lambda: stage_nccl_default(out), "host": lambda: stage_host(out, args.gpus)}
     timings = {}
     for name in args.stages:
         began = time.perf_counter()

@@ -6,7 +6,8 @@
 The folder is what benchmarks/echosim_gpu_evidence.py measured on a GPU node. This script needs
 no GPU: it fits the cluster's NVLink parameters to the NCCL sweeps, the overlap model to the
 overlap sweep, builds the GPU profile (roofline sweeps + the kernel database of the 1-GPU
-traces), then replays every traced (workload, GPU count) on the fitted cluster, without and
+traces + the host's time per op, the median over the DiT traces) and the host cost of a real collective (host.json), then replays every traced
+(workload, GPU count) on the fitted cluster, without and
 with the overlap model, and compares with the real steps. `--write-hw` stores the fitted
 files in echosim/hw/ (dgx_h200.json, h200.json, overlap_h200.json).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from echosim.graph import Trace, trace_from_json
@@ -50,6 +51,10 @@ def gpu_profile(evidence: Path, rows: list[dict], seed: GpuProfile) -> GpuProfil
     nodes = [n for r in rows if r["gpus"] == 1 and r["traces"].exists()
              for t in load_traces(r["traces"]) for n in t.nodes]
     profile.kernels = {**profile.kernels, **database_from_nodes(nodes)}
+    per_op = [t.meta["host_us"] / len(t.nodes) for r in rows if r["traces"].exists()
+              for t in load_traces(r["traces"]) if "host_us" in t.meta]
+    if per_op:  # the DiT's host pace; the GPT tables are held out from it
+        profile.host_us_per_op = statistics.median(per_op)
     return profile
 
 
@@ -66,8 +71,25 @@ def compare_steps(rows: list[dict], cluster, overlap) -> list[dict]:
         real = r["median_ms"]
         out.append({"config": label(DiTWorkload(**r["workload"])), "gpus": r["gpus"], "measured_ms": real,
                     "predicted_ms": plain, "error_pct": 100 * (plain - real) / real,
-                    "predicted_overlap_ms": slowed, "error_overlap_pct": 100 * (slowed - real) / real})
+                    "predicted_overlap_ms": slowed, "error_overlap_pct": 100 * (slowed - real) / real,
+                    "real_host": r.get("host"), "traced": traces[0].meta})
     return out
+
+
+def format_host(rows: list[dict]) -> str:
+    """Per row: the real step's host and GPU time (one profiled step of rank 0) beside the traced
+    rank's full-speed step under the fake group, its host time and the kernel scale of the fit."""
+    lines = ["| configuration | GPUs | real ms | real host ms | real GPU busy ms | fake-group step ms | "
+             "fake-group host ms | kernels alone ms | kernel scale |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "problem" in r:
+            continue
+        real, meta = r.get("real_host") or {}, r["traced"]
+        cells = [f"{real[k]:.1f}" if k in real else "" for k in ("host_ms", "gpu_busy_ms")]
+        fake = [f"{meta[k] / 1e3:.1f}" if k in meta else "" for k in ("in_situ_step_us", "host_us", "replay_step_us")]
+        lines.append(f"| {r['config']} | {r['gpus']} | {r['measured_ms']:.1f} | {' | '.join(cells)} | "
+                     f"{' | '.join(fake)} | {meta.get('in_situ_scale', 1.0):.3f} |")
+    return "\n".join(lines)
 
 
 def format_steps(rows: list[dict]) -> str:
@@ -108,7 +130,8 @@ def compare_gpt(evidence: Path, cluster, overlap, prefix: str) -> list[dict]:
         real = r["median_ms"]
         out.append({"config": config, "gpus": GPTJob(**r["job"]).world_size, "measured_ms": real,
                     "predicted_ms": plain, "error_pct": 100 * (plain - real) / real,
-                    "predicted_overlap_ms": slowed, "error_overlap_pct": 100 * (slowed - real) / real})
+                    "predicted_overlap_ms": slowed, "error_overlap_pct": 100 * (slowed - real) / real,
+                    "real_host": r.get("host"), "traced": traces[0].meta})
     return out
 
 
@@ -131,6 +154,10 @@ def main() -> None:
         if HELD_OUT in samples:
             sections.append("## Collectives: NCCL's defaults at held-out sizes (another run) vs the model\n\n```\n"
                             + format_comparison(compare(cluster, samples[HELD_OUT])) + "\n```")
+
+    if (evidence / "host.json").exists():  # calibrate_host: a real collective's extra host time (smallest group)
+        host = min(json.loads((evidence / "host.json").read_text()), key=lambda r: r["gpus"])
+        cluster = replace(cluster, collective_host_us=host["extra_us"]["functional"])
 
     overlap = None
     if (evidence / "overlap.json").exists():
@@ -155,13 +182,15 @@ def main() -> None:
             overlap.notes = "Measured by benchmarks/echosim_gpu_evidence.py (calibrate_overlap sweep)."
             overlap.save(HW_DIR / f"overlap_{cluster.gpu}.json")
     steps = compare_steps(rows, cluster, overlap)
-    sections.insert(0, "## DiT step time: measured vs predicted\n\n" + format_steps(steps))
+    sections.insert(0, "## DiT step time: measured vs predicted\n\n" + format_steps(steps)
+                    + "\n\nHost and GPU time per step:\n\n" + format_host(steps))
     if (evidence / "gpt_steps.json").exists():
         sections.insert(1, "## GPT step time: measured vs predicted from gpt3d's parts\n\n"
                         + format_steps(compare_gpt(evidence, cluster, overlap, "g")))
         if list((evidence / "gpt_traces").glob("s*.json")):
+            own = compare_gpt(evidence, cluster, overlap, "s")
             sections.insert(2, "## GPT step time: measured vs predicted from gpt_run's own step, traced\n\n"
-                            + format_steps(compare_gpt(evidence, cluster, overlap, "s")))
+                            + format_steps(own) + "\n\nHost and GPU time per step:\n\n" + format_host(own))
     text = "\n\n".join(sections)
     print(text)
     if args.report:

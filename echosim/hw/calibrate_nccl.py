@@ -10,7 +10,7 @@ relative least squares, to the ring model of echosim.comm,
     T = base + steps(n) * L + share(n) * S / B,
 
 giving base_us, nvlink_step_us and B; nvlink_GBps is Simple's B and bw_fraction = B / nvlink_GBps.
-A sweep with NCCL's own choices at every power of two becomes the cluster's tables
+A sweep with NCCL's own choices at TABLE_STEPS sizes per doubling becomes the cluster's tables
 (what NCCL's tuner really does inside a node); another at the sizes halfway between is what
 `compare` judges the fitted model on, every collective included. Bandwidth per collective: NCCL
 reaches different bus bandwidths in different collectives on the same links, so each gets a
@@ -43,8 +43,18 @@ SPIN_CYCLES_PER_CALL = 200_000  # ~100 us of GPU clock per queued call: longer t
 BW_FIT_BYTES = 16 * 2**20  # samples this large are bandwidth-bound
 DEFAULT = "default"  # NCCL's own choice of algorithm and protocol: the sweep the tables hold
 HELD_OUT = "held_out"  # NCCL's default again, another run, at sizes between the table's: what the model is judged on
-TABLE_SIZES = [2**k for k in range(10, 31)]  # 1 KiB .. 1 GiB, every power of two
-HELD_OUT_SIZES = [512 * round(2 ** (k + 0.5) / 512) for k in range(10, 30)]  # halfway, in log, between them
+TABLE_STEPS = 2  # table points per doubling: NCCL switches protocol between 1 and 4 MiB, where a
+# table of powers of two was 11-15 % off at the sizes halfway between its points
+
+
+def _sizes(first: float, count: int) -> list[int]:
+    """`count` sizes TABLE_STEPS per doubling from 2**first bytes, multiples of 128 (every rank's
+    shard of a bf16 buffer is whole for up to 64 ranks)."""
+    return [128 * round(2 ** (first + i / TABLE_STEPS) / 128) for i in range(count)]
+
+
+TABLE_SIZES = _sizes(10, 20 * TABLE_STEPS + 1)  # 1 KiB .. 1 GiB
+HELD_OUT_SIZES = _sizes(10 + 0.5 / TABLE_STEPS, 20 * TABLE_STEPS)  # halfway, in log, between the table's
 
 
 def fit_ring(samples: list[dict]) -> tuple[float, float, float]:
@@ -172,12 +182,18 @@ def run_sweeps(gpu_counts: list[int], protocols: list[str], *, sizes: list[int] 
 
 
 def calibration_sweeps(gpu_counts: list[int], protocols: list[str]) -> dict[str, list[dict]]:
-    """Every sweep `fit_cluster` and `compare` need: each forced protocol at SIZES, NCCL's default
-    at TABLE_SIZES (the tables) and, in another run, at HELD_OUT_SIZES (the judge)."""
-    samples = run_sweeps(gpu_counts, protocols)
-    samples |= run_sweeps(gpu_counts, [DEFAULT], sizes=TABLE_SIZES)
-    samples[HELD_OUT] = run_sweeps(gpu_counts, [DEFAULT], sizes=HELD_OUT_SIZES)[DEFAULT]
-    return samples
+    """Every sweep `fit_cluster` and `compare` need: each forced protocol at SIZES, then
+    `default_sweeps`."""
+    return run_sweeps(gpu_counts, protocols) | default_sweeps(gpu_counts)
+
+
+def default_sweeps(gpu_counts: list[int], *, below: int | None = None) -> dict[str, list[dict]]:
+    """NCCL's default at TABLE_SIZES (the tables) and, in another run, at HELD_OUT_SIZES (the
+    judge); only sizes under `below` if given."""
+    def upto(sizes):
+        return [s for s in sizes if below is None or s < below]
+    return {DEFAULT: run_sweeps(gpu_counts, [DEFAULT], sizes=upto(TABLE_SIZES))[DEFAULT],
+            HELD_OUT: run_sweeps(gpu_counts, [DEFAULT], sizes=upto(HELD_OUT_SIZES))[DEFAULT]}
 
 
 def sweep(out_path: str, sizes: list[int], iters: int, warmup: int = 5) -> None:
