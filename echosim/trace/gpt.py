@@ -206,13 +206,23 @@ def _saved_bytes(fn, exclude: set[int]) -> tuple[object, float]:
 
 def _trace_part(module: nn.Module, make_inputs, labels, shards: int, measure: bool) -> TracedPart:
     params = list(module.parameters())
+    main_grads = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+
+    def backward_and_accumulate(out: Tensor, grad: Tensor) -> None:
+        """Fresh gradients, summed into fp32 main gradients: what echosim.gpt_run's step (and
+        Megatron's main_grad) does after each part's backward in every microbatch."""
+        for p in params:
+            p.grad = None
+        out.backward(grad)
+        torch._foreach_add_(main_grads, [p.grad for p in params])
+
     out = module(*make_inputs())
-    out.backward(torch.ones_like(out))  # warm-up: gradients exist, so the recorded backward accumulates
+    backward_and_accumulate(out, torch.ones_like(out))  # warm-up
     exclude = {p.untyped_storage()._cdata for p in params}
     inputs = make_inputs()
     forward, (out, saved) = _record(labels, lambda: _saved_bytes(lambda: module(*inputs), exclude), measure)
     grad = torch.ones_like(out)
-    backward, _ = _record(labels, lambda: out.backward(grad), measure)
+    backward, _ = _record(labels, lambda: backward_and_accumulate(out, grad), measure)
     masters = [nn.Parameter(torch.zeros(-(-p.numel() // shards))) for p in params]  # fp32 shards
     for m in masters:
         m.grad = torch.zeros_like(m)

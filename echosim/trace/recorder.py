@@ -64,6 +64,13 @@ def _tensors(obj) -> list[torch.Tensor]:
     return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
+def _unreturned(mutated, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors an op wrote in place but does not return (foreach ops return nothing): written
+    bytes the outputs leave out."""
+    returned = {id(t) for t in outputs}
+    return [t for t in _tensors(mutated) if id(t) not in returned]
+
+
 def _dtype(tensors: list[torch.Tensor]) -> str:
     return str(tensors[0].dtype).removeprefix("torch.") if tensors else ""
 
@@ -153,7 +160,7 @@ class Recorder(TorchDispatchMode):
         node = Node(id=len(self.nodes), kind="COMP", name=name, stream=OP_STREAMS.get(name, "compute"),
                     deps=self._deps(inputs + _tensors(mutated)), shapes=[list(t.shape) for t in inputs],
                     dtype=_dtype(outputs or inputs), flops=op_flops(func, args, kwargs, out),
-                    bytes=float(sum(t.nbytes for t in inputs + outputs)))
+                    bytes=float(sum(t.nbytes for t in inputs + outputs + _unreturned(mutated, outputs))))
         if node.flops or node.bytes:
             if node.stream == "compute":
                 for dep in node.deps:

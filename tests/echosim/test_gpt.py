@@ -49,6 +49,14 @@ def test_layer_gemm_flops_and_parameters_are_split_over_tp(tp, sp):
         assert comms(layer.forward + layer.backward) == []  # one rank: nothing issued
 
 
+def test_part_backward_sums_fresh_gradients_into_fp32_main_gradients():
+    layer = trace_gpt_parts(CFG, tp=2, sequence_parallel=True, micro_batch=MICRO).layer
+    [accumulate] = [n for n in layer.backward if n.name == "aten._foreach_add_"]  # one per part, as gpt_run does
+    assert accumulate is layer.backward[-1] and accumulate.dtype == "float32"
+    assert accumulate.bytes == pytest.approx(layer.params * (4 + 4 + 2))  # fp32 read and write, bf16 gradient read
+    assert not [n for n in layer.backward if n.name == "aten.add_" and n.dtype == "bfloat16"]  # no bf16 accumulation
+
+
 @pytest.fixture(scope="module")
 def models():
     cluster = load_cluster("dgx_h100")
