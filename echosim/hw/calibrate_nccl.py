@@ -43,8 +43,9 @@ SPIN_CYCLES_PER_CALL = 200_000  # ~100 us of GPU clock per queued call: longer t
 BW_FIT_BYTES = 16 * 2**20  # samples this large are bandwidth-bound
 DEFAULT = "default"  # NCCL's own choice of algorithm and protocol: the sweep the tables hold
 HELD_OUT = "held_out"  # NCCL's default again, another run, at sizes between the table's: what the model is judged on
-TABLE_STEPS = 2  # table points per doubling: NCCL switches protocol between 1 and 4 MiB, where a
-# table of powers of two was 11-15 % off at the sizes halfway between its points
+TABLE_STEPS = 2  # table points per doubling, then refined where NCCL's default jumps (jump_sizes): it
+# switches protocol between 1 and 4 MiB, where tables of one and two points per doubling were 11-18 %
+# off at the sizes halfway between their points
 
 
 def _sizes(first: float, count: int) -> list[int]:
@@ -187,13 +188,42 @@ def calibration_sweeps(gpu_counts: list[int], protocols: list[str]) -> dict[str,
     return run_sweeps(gpu_counts, protocols) | default_sweeps(gpu_counts)
 
 
+REFINE_FROM = 2**19  # jumps below 512 KiB cost microseconds: not worth a sweep
+REFINE_ROUNDS = 3  # each round splits every interval that still holds a jump in three
+JUMP = 1.05  # time growing faster than size by this much (a fixed protocol grows slower), or falling
+
+
+def jump_sizes(samples: list[dict], *, avoid: list[int] = ()) -> list[int]:
+    """Sizes that would locate NCCL's protocol jumps in a sweep: between two neighbouring sizes
+    of any (collective, GPU count) where time grew by more than JUMP x the size ratio or fell,
+    the two sizes a third and two thirds of the way (in log); none equal to a size in `avoid`."""
+    by_curve: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for s_ in samples:
+        by_curve.setdefault((s_["collective"], s_["n"]), []).append((s_["bytes"], s_["us"]))
+    out = set()
+    for points in by_curve.values():
+        points.sort()
+        for (b0, t0), (b1, t1) in zip(points, points[1:]):
+            if b1 < REFINE_FROM or b1 < 1.2 * b0 or not (t1 / t0 > JUMP * b1 / b0 or t1 < t0):
+                continue
+            for w in (1 / 3, 2 / 3):
+                size = 128 * round(b0 * (b1 / b0) ** w / 128)
+                out.add(size + 128 if size in avoid else size)
+    return sorted(out)
+
+
 def default_sweeps(gpu_counts: list[int], *, below: int | None = None) -> dict[str, list[dict]]:
-    """NCCL's default at TABLE_SIZES (the tables) and, in another run, at HELD_OUT_SIZES (the
-    judge); only sizes under `below` if given."""
+    """NCCL's default at TABLE_SIZES, refined where it jumps (`jump_sizes`, REFINE_ROUNDS rounds):
+    the tables; in another run, at HELD_OUT_SIZES: the judge. Only sizes under `below` if given."""
     def upto(sizes):
         return [s for s in sizes if below is None or s < below]
-    return {DEFAULT: run_sweeps(gpu_counts, [DEFAULT], sizes=upto(TABLE_SIZES))[DEFAULT],
-            HELD_OUT: run_sweeps(gpu_counts, [DEFAULT], sizes=upto(HELD_OUT_SIZES))[DEFAULT]}
+    table = run_sweeps(gpu_counts, [DEFAULT], sizes=upto(TABLE_SIZES))[DEFAULT]
+    for _ in range(REFINE_ROUNDS):
+        extra = upto(jump_sizes(table, avoid=HELD_OUT_SIZES))
+        if not extra:
+            break
+        table += run_sweeps(gpu_counts, [DEFAULT], sizes=extra)[DEFAULT]
+    return {DEFAULT: table, HELD_OUT: run_sweeps(gpu_counts, [DEFAULT], sizes=upto(HELD_OUT_SIZES))[DEFAULT]}
 
 
 def sweep(out_path: str, sizes: list[int], iters: int, warmup: int = 5) -> None:

@@ -37,3 +37,21 @@ def test_host_calibration_times_real_and_fake_calls_of_both_styles(tmp_path):
     for style in ("functional", "c10d"):
         assert result["real_us"][style] > 0 and result["fake_us"][style] > 0
         assert result["extra_us"][style] == pytest.approx(result["real_us"][style] - result["fake_us"][style])
+
+
+def test_jump_sizes_split_intervals_where_nccl_jumps_and_nothing_else():
+    from echosim.hw.calibrate_nccl import jump_sizes
+
+    mib = 2**20
+
+    def curve(name, points):
+        return [{"collective": name, "n": 2, "bytes": b, "us": t} for b, t in points]
+
+    smooth = curve("all_gather", [(mib, 14.0), (2 * mib, 20.0), (4 * mib, 30.0)])  # sublinear: one protocol
+    rise = curve("all_reduce", [(mib, 14.0), (2 * mib, 40.0), (4 * mib, 50.0)])  # 2x the size, 2.9x the time
+    fall = curve("broadcast", [(mib, 20.0), (2 * mib, 15.0)])
+    assert jump_sizes(smooth) == []
+    assert jump_sizes(rise) == jump_sizes(fall) == [1321088, 1664512]  # 2^(20+1/3), 2^(20+2/3), to 128 B
+    assert jump_sizes(rise, avoid=[1321088]) == [1321216, 1664512]
+    small = curve("all_reduce", [(2**12, 5.0), (2**13, 11.0)])  # a jump of microseconds: not refined
+    assert jump_sizes(small) == []
