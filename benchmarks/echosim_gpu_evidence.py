@@ -169,14 +169,9 @@ def stage_nccl_default(out: Path) -> None:
 
 def stage_host(out: Path, gpus: int) -> None:
     """Host cost of a real collective call beyond a fake one (echosim.hw.calibrate_host), per GPU count."""
-    results = []
-    for n in sorted({2, gpus}):
-        path = out / f"host_{n}.json"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                        "-m", "echosim.hw.calibrate_host", str(path)], check=True)
-        results.append(json.loads(path.read_text()))
-        path.unlink()
-    (out / "host.json").write_text(json.dumps(results, indent=1))
+    from echosim.hw.calibrate_host import run
+
+    (out / "host.json").write_text(json.dumps([run(n) for n in sorted({2, gpus})], indent=1))
 
 
 def stage_overlap(out: Path, gpus: int) -> None:

@@ -11,13 +11,14 @@
     echosim simulate --gpt --model gpt-175b --tp 8 --pp 16 --dp 8 --cluster dgx_h100 --out runs/echosim/gpt175b
     echosim sweep --model gpt-175b --gpus 1024 --cluster dgx_h100 --global-batch 1536
     echosim calibrate --overlap --gpu h100            # on a node with >= 2 GPUs
+    echosim calibrate --host --cluster dgx_h200 --gpus 2   # a real collective's extra host time
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from math import prod
 from pathlib import Path
 
@@ -108,10 +109,18 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         if args.preset:
             workload = _dataclass_from(args, DiTWorkload)
             [trace] = trace_roles(workload.make_step, mesh_shape={"dp": 1}, roles=[[0]], device="cuda",
-                                  fake_tensors=False, measure=True)
+                                  fake_tensors=False, measure=True, in_situ_steps=5)
             database = database_from_nodes(trace.nodes)
         profile = calibrate_kernels(load_gpu(args.gpu), database)
+        if args.preset:  # the host's time per op of the traced step, for traces without a measured host
+            profile.host_us_per_op = trace.meta["host_us"] / len(trace.nodes)
         _write(HW_DIR / f"{args.gpu}.json", asdict(profile))
+    if args.host:
+        from echosim.hw.calibrate_host import run
+
+        measured = run(min(args.gpus))
+        cluster = replace(load_cluster(args.cluster), collective_host_us=measured["extra_us"]["functional"])
+        _write(HW_DIR / f"{args.cluster}.json", asdict(cluster))
     if args.nccl:
         from echosim.hw.calibrate_nccl import HELD_OUT, calibration_sweeps, compare, fit_cluster, format_comparison
 
@@ -197,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--cluster", default="dgx_h200", help="cluster file to update")
     cal.add_argument("--overlap", action="store_true",
                      help="measure compute slowdown beside collectives (2+ GPUs), write hw/overlap_<gpu>.json")
+    cal.add_argument("--host", action="store_true",
+                     help="time a real collective call's host cost beyond a fake one (on the smallest --gpus), "
+                          "write the cluster's collective_host_us")
     cal.add_argument("--gpus", type=int, nargs="+", default=[2, 4], help="GPU counts to sweep")
     cal.add_argument("--samples", default="", help="also write the measured samples (JSON) here")
     cal.add_argument("--from-samples", default="",

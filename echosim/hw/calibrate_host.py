@@ -1,5 +1,6 @@
 """Measure how much longer the host takes to issue a real NCCL collective than a fake one.
 
+    echosim calibrate --host --cluster dgx_h200 --gpus 2       # writes the cluster's collective_host_us
     python -m torch.distributed.run --standalone --nproc-per-node=2 -m echosim.hw.calibrate_host out.json
 
 Traces are recorded under the fake process group, whose collectives the host issues in a few
@@ -17,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +41,15 @@ def _calls(group: dist.ProcessGroup, device: str) -> dict:
     c10d = torch.ops._c10d_functional
     return {"functional": lambda: c10d.wait_tensor(c10d.all_gather_into_tensor(shard, group.size(), group.group_name)),
             "c10d": lambda: dist.all_gather_into_tensor(full, shard, group=group)}
+
+
+def run(gpus: int) -> dict:
+    """Launch `measure` on `gpus` local GPUs (CPU processes with gloo without CUDA); its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "host.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+                        "-m", "echosim.hw.calibrate_host", str(path)], check=True)
+        return json.loads(path.read_text())
 
 
 def host_us_per_call(call, cuda: bool) -> float:

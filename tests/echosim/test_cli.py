@@ -52,3 +52,14 @@ def test_fitted_cluster_keeps_network_parameters():
     assert fitted.protocols["LL"].bw_fraction == pytest.approx(0.25)
     assert fitted.protocols["LL"].net_step_us == seed.protocols["LL"].net_step_us
     assert fitted.protocols["LL128"] == seed.protocols["LL128"]
+
+
+def test_calibrate_host_writes_the_clusters_collective_host_cost(tmp_path, monkeypatch):
+    import echosim.cli
+
+    monkeypatch.setattr(echosim.cli, "HW_DIR", tmp_path)  # leave the shipped files alone
+    main(["calibrate", "--host", "--cluster", "dgx_h200", "--gpus", "2"])  # gloo processes here
+    written = json.loads((tmp_path / "dgx_h200.json").read_text())
+    assert written["collective_host_us"] > 0  # gloo's blocking call vs the fake group's: far apart
+    shipped = load_cluster("dgx_h200")
+    assert written["tables"] == shipped.tables and written["nvlink_GBps"] == shipped.nvlink_GBps
