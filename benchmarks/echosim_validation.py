@@ -45,14 +45,14 @@ def step_rows(evidence: Path) -> list[dict]:
 
 
 def gpu_profile(evidence: Path, rows: list[dict], seed: GpuProfile) -> GpuProfile:
-    """Measured roofline sweeps (if any) + the kernel database of the 1-GPU measured traces."""
+    """Measured roofline sweeps (if any) + the kernel database of the 1-GPU measured traces + the
+    host's time per op, the median over all the DiT traces."""
     profile = GpuProfile(**json.loads((evidence / "gpu_profile.json").read_text())) \
         if (evidence / "gpu_profile.json").exists() else seed
-    nodes = [n for r in rows if r["gpus"] == 1 and r["traces"].exists()
-             for t in load_traces(r["traces"]) for n in t.nodes]
+    loaded = [(r["gpus"], load_traces(r["traces"])) for r in rows if r["traces"].exists()]  # each file once
+    nodes = [n for gpus, traces in loaded if gpus == 1 for t in traces for n in t.nodes]
     profile.kernels = {**profile.kernels, **database_from_nodes(nodes)}
-    per_op = [t.meta["host_us"] / len(t.nodes) for r in rows if r["traces"].exists()
-              for t in load_traces(r["traces"]) if "host_us" in t.meta]
+    per_op = [t.meta["host_us"] / len(t.nodes) for _, traces in loaded for t in traces if "host_us" in t.meta]
     if per_op:  # the DiT's host pace; the GPT tables are held out from it
         profile.host_us_per_op = statistics.median(per_op)
     return profile

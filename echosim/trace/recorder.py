@@ -64,11 +64,11 @@ def _tensors(obj) -> list[torch.Tensor]:
     return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
-def _unreturned(mutated, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+def _unreturned(mutated: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Tensors an op wrote in place but does not return (foreach ops return nothing): written
     bytes the outputs leave out."""
     returned = {id(t) for t in outputs}
-    return [t for t in _tensors(mutated) if id(t) not in returned]
+    return [t for t in mutated if id(t) not in returned]
 
 
 def _dtype(tensors: list[torch.Tensor]) -> str:
@@ -154,18 +154,19 @@ class Recorder(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         outputs = _tensors(out)
-        mutated = [a for a, arg in zip(args, func._schema.arguments) if arg.alias_info and arg.alias_info.is_write]
-        mutated += [kwargs[arg.name] for arg in func._schema.arguments
+        written = [a for a, arg in zip(args, func._schema.arguments) if arg.alias_info and arg.alias_info.is_write]
+        written += [kwargs[arg.name] for arg in func._schema.arguments
                     if arg.kwarg_only and arg.name in kwargs and arg.alias_info and arg.alias_info.is_write]
+        mutated = _tensors(written)  # the tensors the op writes in place
         node = Node(id=len(self.nodes), kind="COMP", name=name, stream=OP_STREAMS.get(name, "compute"),
-                    deps=self._deps(inputs + _tensors(mutated)), shapes=[list(t.shape) for t in inputs],
+                    deps=self._deps(inputs + mutated), shapes=[list(t.shape) for t in inputs],
                     dtype=_dtype(outputs or inputs), flops=op_flops(func, args, kwargs, out),
                     bytes=float(sum(t.nbytes for t in inputs + outputs + _unreturned(mutated, outputs))))
         if node.flops or node.bytes:
             if node.stream == "compute":
                 for dep in node.deps:
                     self._consumer.setdefault(dep, node.id)
-            self._add(node, outputs + _tensors(mutated))
+            self._add(node, outputs + mutated)
             if self.measure:
                 self._measured[-1] = node.id
         return out
