@@ -109,6 +109,7 @@ def kernel_report() -> list[str]:
             lines.append(f"| {tuner.fn.__name__} best for {key} | {config} | | | | |")
         for kernel_cache, *_ in tuner.fn.device_caches.values():
             for compiled in kernel_cache.values():
+                compiled._init_handles()  # registers and spills are read when the binary is loaded
                 meta = compiled.metadata
                 wgmma = "warp_group_dot" in compiled.asm.get("ttgir", "")
                 lines.append(f"| {tuner.fn.__name__} | warps {meta.num_warps} stages {meta.num_stages} | "
@@ -116,8 +117,8 @@ def kernel_report() -> list[str]:
     return lines
 
 
-def stage_breakdown(s: int, d: int, heads: int, block: int, density: float, rep_ms: float) -> list[str]:
-    """Milliseconds of each stage of our forward+backward, called one by one."""
+def _stage_problem(s: int, d: int, heads: int, block: int, density: float):
+    """Random inputs, index and the forward's outputs for timing the kernels one by one."""
     from dsv.ops.sparse_attention import kernels
 
     generator = torch.Generator(device="cuda").manual_seed(s)
@@ -126,36 +127,77 @@ def stage_breakdown(s: int, d: int, heads: int, block: int, density: float, rep_
                    for _ in range(4))
     scale = d**-0.5
     o, lse = kernels.forward(q, k, v, index, scale)
-    dense_flops = 4 * BATCH * heads * s * s * d * index.density()
-    transposed = index.transpose()
     delta = torch.empty_like(lse)
-    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-    shape = kernels._shape_args(q, index)
-    nq, maxsel = index.indices.shape[-2:]
+    kernels.launch_delta(o, do, delta)
+    dense_flops = 4 * BATCH * heads * s * s * d * index.density()
+    return dict(q=q, k=k, v=v, do=do, o=o, lse=lse, delta=delta, index=index, transposed=index.transpose(),
+                scale=scale, matmul_flops=dense_flops / 2)
+
+
+def _kernel_calls(p: dict, config=None) -> dict:
+    """name -> (call, matmuls per tile) for our three main kernels, optionally with one config."""
+    from dsv.ops.sparse_attention import kernels
+
+    o, dq, dk, dv = (torch.empty_like(p["q"]) for _ in range(4))
+    qkv = (p["q"], p["k"], p["v"])
+    return {
+        "forward": (lambda c=config: kernels.launch_forward(*qkv, o, torch.empty_like(p["lse"]), p["index"], p["scale"], c), 2),
+        "dK dV": (lambda c=config: kernels.launch_dkdv(*qkv, p["do"], p["lse"], p["delta"], dk, dv, p["index"],
+                                                        p["transposed"], p["scale"], c), 4),
+        "dQ": (lambda c=config: kernels.launch_dq(*qkv, p["do"], p["lse"], p["delta"], dq, p["index"], p["scale"], c), 3),
+    }
+
+
+def stage_breakdown(s: int, d: int, heads: int, block: int, density: float, rep_ms: float) -> list[str]:
+    """Milliseconds of each stage of our forward+backward, called one by one."""
+    from dsv.ops.sparse_attention import kernels
+
+    p = _stage_problem(s, d, heads, block, density)
+    calls = _kernel_calls(p)
     stages = {
-        "forward": (lambda: kernels.forward(q, k, v, index, scale), 2),
-        "transpose index": (index.transpose, 0),
-        "delta": (lambda: kernels._delta_kernel[(triton.cdiv(s, 64), heads)](o, do, delta, s, d, shape["HEAD_DIM_P"], 64), 0),
-        "dK dV": (lambda: kernels._dkdv_kernel[(index.num_blocks, heads)](
-            q, k, v, do, lse, delta, dk, dv, transposed.counts, transposed.offsets, transposed.q_blocks,
-            scale, scale * kernels.LOG2E, s, index.num_blocks, transposed.q_blocks.shape[-1], **shape), 4),
-        "dQ": (lambda: kernels._dq_kernel[(nq, heads)](
-            q, k, v, do, lse, delta, dq, index.counts, index.indices, scale, scale * kernels.LOG2E, s, nq, maxsel,
-            **shape), 3),
-        "backward (all)": (lambda: kernels.backward(do, q, k, v, o, lse, index, scale), 5),
+        "forward": calls["forward"],
+        "transpose index": (p["index"].transpose, 0),
+        "delta": (lambda: kernels.launch_delta(p["o"], p["do"], p["delta"]), 0),
+        "dK dV": calls["dK dV"],
+        "dQ": calls["dQ"],
+        "backward (all)": (lambda: kernels.backward(p["do"], p["q"], p["k"], p["v"], p["o"], p["lse"], p["index"],
+                                                    p["scale"]), 5),
     }
     lines = ["", f"Stages at S = {s // 1024}k, D = {d}, density {density} (matmul TFLOP/s count the matmuls each does):",
              "", "| stage | ms | TFLOP/s |", "|---|---|---|"]
     for name, (fn, matmuls) in stages.items():
         ms = bench_ms(fn, rep_ms)
-        rate = f"{matmuls * dense_flops / 2 / ms / 1e9:.0f}" if matmuls else ""
+        rate = f"{matmuls * p['matmul_flops'] / ms / 1e9:.0f}" if matmuls else ""
         lines.append(f"| {name} | {ms:.3f} | {rate} |")
+    return lines
+
+
+def config_sweep(s: int, d: int, heads: int, block: int, density: float, rep_ms: float) -> list[str]:
+    """Every autotune config of each kernel timed on its own (what the autotuner chooses from)."""
+    from dsv.ops.sparse_attention import kernels
+
+    p = _stage_problem(s, d, heads, block, density)
+    tuners = {"forward": kernels._forward_kernel, "dK dV": kernels._dkdv_kernel, "dQ": kernels._dq_kernel}
+    lines = ["", f"Every config at S = {s // 1024}k, D = {d}, density {density} (walked tile rows, warps, stages):",
+             "", "| kernel | tile | warps | stages | ms | TFLOP/s |", "|---|---|---|---|---|---|"]
+    for name, tuner in tuners.items():
+        for config in tuner.configs:
+            if config.kwargs["TILE"] > block:
+                continue
+            call, matmuls = _kernel_calls(p, config)[name]
+            try:
+                ms = bench_ms(call, rep_ms)
+                result = f"{ms:.3f} | {matmuls * p['matmul_flops'] / ms / 1e9:.0f}"
+            except Exception as error:  # a config the compiler cannot fit (shared memory, registers)
+                result = f"failed: {type(error).__name__} | "
+            lines.append(f"| {name} | {config.kwargs['TILE']} | {config.num_warps} | {config.num_stages} | {result} |")
+            print(lines[-1], flush=True)
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    parser.add_argument("--seq-lens", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
     parser.add_argument("--heads", type=int, default=16)
@@ -165,6 +207,8 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take minutes)")
     parser.add_argument("--index-memory", type=int, nargs="*", default=[131072, 524288], help="S for the index table")
     parser.add_argument("--breakdown", type=int, metavar="S", help="time each stage at this S, the first D, density 0.1")
+    parser.add_argument("--sweep", type=int, nargs="*", metavar="S", help="time every kernel config at these S (first D)")
+    parser.add_argument("--sweep-densities", type=float, nargs="+", default=[0.1], help="densities of --sweep")
     parser.add_argument("--kernel-report", action="store_true", help="print registers/spills/wgmma per compiled kernel")
     parser.add_argument("--out", help="also write the table (markdown) here")
     args = parser.parse_args()
@@ -203,6 +247,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.breakdown:
         lines += stage_breakdown(args.breakdown, args.head_dims[0], args.heads, args.block, 0.1, args.rep_ms)
+    for s in args.sweep or []:
+        for density in args.sweep_densities:
+            lines += config_sweep(s, args.head_dims[0], args.heads, args.block, density, args.rep_ms)
     if args.kernel_report:
         lines += kernel_report()
     if args.index_memory:

@@ -30,9 +30,13 @@ def _run(fn, q, k, v, do):
 
 
 def _check_against_fp64(index, q, k, v, do, backend, atol):
+    ours = _run(lambda *t: sparse_attention_index(*t, index, backend=backend), q, k, v, do)
+    _assert_close_to_fp64(ours, index, q, k, v, do, atol)
+
+
+def _assert_close_to_fp64(ours, index, q, k, v, do, atol):
     """Flash-attention's rule: our error vs float64 <= 2x PyTorch's error in the same precision + atol."""
     scale = q.shape[-1] ** -0.5
-    ours = _run(lambda *t: sparse_attention_index(*t, index, backend=backend), q, k, v, do)
     exact = _run(lambda *t: dense_masked_attention(*t, index, scale), *(x.double() for x in (q, k, v, do)))
     torch_same_precision = _run(lambda *t: dense_masked_attention(*t, index, scale), q, k, v, do)
     for name, mine, ref, base in zip(("out", "dq", "dk", "dv"), ours, exact, torch_same_precision):
@@ -63,6 +67,33 @@ def test_triton_fp32_matches_fp64():
     # fp32 in the interpreter is exact fp32; on a GPU the dots run in tf32 (10-bit mantissa)
     atol = 2e-2 if DEVICE == "cuda" else 1e-5
     _check_against_fp64(*problem, backend="triton", atol=atol)
+
+
+def _with_configs(index, q, k, v, do, forward_config, dkdv_config, dq_config):
+    """Output and (dq, dk, dv) of our kernels, each launched with the given config."""
+    from dsv.ops.sparse_attention import kernels
+
+    scale = q.shape[-1] ** -0.5
+    o, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    kernels.launch_forward(q, k, v, o, lse, index, scale, forward_config)
+    delta = torch.empty_like(lse)
+    kernels.launch_delta(o, do, delta)
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    kernels.launch_dkdv(q, k, v, do, lse, delta, dk, dv, index, index.transpose(), scale, dkdv_config)
+    kernels.launch_dq(q, k, v, do, lse, delta, dq, index, scale, dq_config)
+    return o, dq, dk, dv
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter case; the GPU runs every config below")
+def test_walking_sub_tiles_of_a_block_matches_fp64():
+    """TILE < BLOCK: the other side is walked in sub-tiles; the last block's third sub-tile
+    lies entirely past S (S = 200, block 64, tile 16)."""
+    import triton
+
+    index, q, k, v, do = _problem(11, 1, 2, 200, 32, 64, 0.5, torch.float32, per_head=(0.3, 1.0))
+    tiles = triton.Config({"TILE": 16}, num_warps=4, num_stages=1)
+    ours = _with_configs(index, q, k, v, do, tiles, tiles, tiles)
+    _assert_close_to_fp64(ours, index, q, k, v, do, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,6 +150,9 @@ def test_clear_errors():
         sparse_attention_index(q, k, v, BlockIndex(index.counts.to("meta"), index.indices.to("meta"), 32, 64))
     with pytest.raises(TypeError, match="BlockMask"):
         sparse_attention(q, k, v, index)
+    odd = [t[..., :12].half() for t in (q, k, v)]  # 12 fp16 = 24 bytes per row: no TMA
+    with pytest.raises(ValueError, match="head_dim 12"):
+        sparse_attention_index(*odd, index, backend="triton")
 
 
 @pytest.mark.gpu
@@ -137,3 +171,23 @@ def test_gpu_backward_is_deterministic():
     first = _run(lambda *t: sparse_attention_index(*t, index), q, k, v, do)
     second = _run(lambda *t: sparse_attention_index(*t, index), q, k, v, do)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def _all_configs():
+    from dsv.ops.sparse_attention import kernels
+
+    tuners = {"forward": kernels._forward_kernel, "dkdv": kernels._dkdv_kernel, "dq": kernels._dq_kernel}
+    return [(name, config) for name, tuner in tuners.items() for config in tuner.configs]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name_config", _all_configs() if torch.cuda.is_available() else [],
+                         ids=lambda nc: f"{nc[0]}-tile{nc[1].kwargs['TILE']}-w{nc[1].num_warps}s{nc[1].num_stages}")
+def test_gpu_every_autotune_config_matches_fp64(name_config):
+    """The autotuner may pick any of them on some GPU: each must be right on its own."""
+    name, config = name_config
+    index, q, k, v, do = _problem(12, 1, 3, 1000, 128, 128, 0.3, torch.bfloat16, per_head=(0.05, 0.3, 1.0))
+    configs = {n: (config if n == name else None) for n in ("forward", "dkdv", "dq")}
+    ours = _with_configs(index, q, k, v, do, configs["forward"], configs["dkdv"], configs["dq"])
+    _assert_close_to_fp64(ours, index, q, k, v, do, atol=1e-3)

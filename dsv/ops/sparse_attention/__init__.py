@@ -6,8 +6,8 @@ key/value blocks.
 
 Backends: "triton" (our kernels; on CPU tensors only under TRITON_INTERPRET=1), "flex"
 (torch FlexAttention with the same mask, compiled on CUDA), "reference" (plain PyTorch that
-gathers the selected blocks; what CPU training uses) and "auto" (triton on CUDA, reference
-on CPU).
+gathers the selected blocks; what CPU training uses) and "auto" (triton on CUDA, or flex
+for head dims whose rows are not a multiple of 16 bytes; reference on CPU).
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def sparse_attention_index(
     b, h, s, _ = q.shape
     index = _check_index(index, q)
     scale = _scale(q, scale)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "reference"
+    if backend == "auto":  # flex where the kernels' TMA cannot read the rows (head_dim * itemsize % 16)
+        backend = "reference" if not q.is_cuda else "flex" if q.shape[-1] * q.element_size() % 16 else "triton"
     if backend == "reference":
         return gathered_attention(q, k, v, index, scale)
     if backend == "flex":
@@ -68,7 +68,7 @@ class _SparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, counts, indices, block_size, scale):
         from dsv.ops.sparse_attention import kernels
 
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (_tma_ready(t) for t in (q, k, v))
         index = BlockIndex(counts=counts, indices=indices, block_size=block_size, seq_len=q.shape[-2])
         o, lse = kernels.forward(q, k, v, index, scale)
         ctx.save_for_backward(q, k, v, o, lse, counts, indices)
@@ -81,8 +81,14 @@ class _SparseAttention(torch.autograd.Function):
 
         q, k, v, o, lse, counts, indices = ctx.saved_tensors
         index = BlockIndex(counts=counts, indices=indices, block_size=ctx.block_size, seq_len=q.shape[-2])
-        dq, dk, dv = kernels.backward(do.contiguous(), q, k, v, o, lse, index, ctx.scale)
+        dq, dk, dv = kernels.backward(_tma_ready(do), q, k, v, o, lse, index, ctx.scale)
         return dq, dk, dv, None, None, None, None
+
+
+def _tma_ready(t: Tensor) -> Tensor:
+    """Contiguous and 16-byte aligned, as the kernels' tensor descriptors need."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 _compiled_flex = None
@@ -142,6 +148,11 @@ def _check_kernel_inputs(q: Tensor, index: BlockIndex) -> None:
         raise TypeError(f"the triton backend takes {KERNEL_DTYPES}, got {q.dtype}")
     if q.shape[-1] > 256:
         raise ValueError(f"the triton backend takes head dims up to 256, got {q.shape[-1]}")
+    if q.shape[-1] * q.element_size() % 16:
+        raise ValueError(
+            f"the triton backend reads rows with TMA, which needs head_dim * {q.element_size()} bytes to be a multiple "
+            f"of 16; got head_dim {q.shape[-1]} ({q.dtype}): pad the head dim or use backend='flex' or 'reference'"
+        )
     if index.block_size not in KERNEL_BLOCK_SIZES:
         raise ValueError(f"the triton backend takes block sizes {KERNEL_BLOCK_SIZES}, got {index.block_size}")
     from dsv.ops.sparse_attention import kernels

@@ -5,11 +5,15 @@ One program per (query block, batch*head) walks that query block's list of KV bl
 blocks that selected it (dK, dV). Every output tile is written by exactly one program:
 deterministic, no atomics, no fp32 scratch copies of gradients.
 
+The walked side (K and V in the forward and dQ, Q and dO in dK/dV) is read through TMA
+tensor descriptors over a (B*H, S, D) view: a tile is one bulk copy addressed by
+(head, first row), and the hardware zero-fills rows past S and columns past D.
+
 Scores are kept in base 2: `qk_scale = scale * log2(e)` is folded into the dot product, and
 the saved log-sum-exp `lse` is base 2 too, so p = exp2(qk * qk_scale - lse).
 
-q, k, v, o and their gradients are contiguous (B, H, S, D); lse and delta are (B, H, S) fp32.
-Rows past S in the last block are loaded as 0 and never stored; keys past S are masked to
+q, k, v, o and their gradients are contiguous (B, H, S, D) with 16-byte aligned rows; lse and
+delta are (B, H, S) fp32. Rows past S in the last block are loaded as 0 and never stored; keys past S are masked to
 -inf in the forward (in the backward their k = v = 0 make their contribution vanish).
 This module is imported lazily, so tests can set TRITON_INTERPRET=1 before it is.
 """
@@ -21,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dsv.ops.block_index import BlockIndex
 
@@ -46,26 +51,33 @@ if INTERPRETED:
     _fix_interpreter_loop_bounds()
 
 
-def _configs(options: list[tuple[int, int, int]], tile: str) -> list[triton.Config]:
-    """(tile size, num_warps, num_stages) options; the interpreter gets only the first."""
+def _configs(options: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """(walked tile rows, num_warps, num_stages) options; the interpreter gets only the first."""
     options = options[:1] if INTERPRETED else options
-    return [triton.Config({tile: t}, num_warps=w, num_stages=s) for t, w, s in options]
+    return [triton.Config({"TILE": t}, num_warps=w, num_stages=s, pre_hook=_set_boxes) for t, w, s in options]
 
 
-def _prune(tile: str):
-    """Drops configs whose sub-tile is larger than the block (the kernels would clamp it)."""
+def _set_boxes(nargs: dict) -> None:
+    """Before a launch: the walked-side descriptors copy boxes of one tile (1, TILE, padded D)."""
+    rows = min(nargs["TILE"], nargs["BLOCK"])
+    for arg in nargs.values():
+        if isinstance(arg, TensorDescriptor):
+            arg.block_shape = [1, rows, nargs["HEAD_DIM_P"]]
 
-    def prune(configs, named_args, **kwargs):
-        return [c for c in configs if c.kwargs[tile] <= kwargs["BLOCK"]] or configs[:1]
 
-    return {"early_config_prune": prune}
+def _prune(configs, named_args, **kwargs):
+    """Drops configs whose tile exceeds the block (the kernels would clamp it)."""
+    return [c for c in configs if c.kwargs["TILE"] <= kwargs["BLOCK"]] or configs[:1]
 
 
-# (sub-tile, num_warps, num_stages): a small set, to keep compile time in check
-FWD_OPTIONS = [(128, 8, 3), (64, 8, 3), (128, 8, 2), (64, 4, 3)]
-DKDV_OPTIONS = [(64, 8, 2), (32, 8, 2), (64, 8, 3), (32, 8, 3), (32, 4, 3)]
-DQ_OPTIONS = [(64, 8, 3), (64, 8, 2), (32, 8, 3), (32, 4, 3)]
+# Measured on an H200 at S = 32k, D = 128, densities 0.1 and 1 (benchmarks/results/attention_*):
+# 8 warps over the whole 128-row block win; splitting the block over 4-warp programs or
+# walking 32-row tiles is 10-50% slower. Kept small: each config is a compile.
+FWD_OPTIONS = [(128, 8, 3), (128, 8, 2), (64, 8, 3)]
+DKDV_OPTIONS = [(64, 8, 3), (64, 8, 2), (32, 8, 3)]
+DQ_OPTIONS = [(128, 8, 2), (64, 8, 3), (64, 8, 2)]
 TUNING_KEY = ["HEAD_DIM_P", "BLOCK", "EVEN_S"]
+AUTOTUNE = dict(key=TUNING_KEY, prune_configs_by={"early_config_prune": _prune})
 
 
 @triton.jit
@@ -88,17 +100,23 @@ def _store_tile(ptr, tile, rows, cols, S, HEAD_DIM: tl.constexpr, EVEN_S: tl.con
         tl.store(ptrs, tile, mask=(rows[:, None] < S) & (cols[None, :] < HEAD_DIM))
 
 
-@triton.autotune(configs=_configs(FWD_OPTIONS, "BLOCK_N"), key=TUNING_KEY, prune_configs_by=_prune("BLOCK_N"))
+@triton.jit
+def _load_box(desc, bh, first_row, ROWS: tl.constexpr, HEAD_DIM_P: tl.constexpr):
+    """(ROWS, HEAD_DIM_P) tile of head bh from a (B*H, S, D) descriptor; zeros past S and D."""
+    return desc.load([bh, first_row, 0]).reshape(ROWS, HEAD_DIM_P)
+
+
+@triton.autotune(configs=_configs(FWD_OPTIONS), **AUTOTUNE)
 @triton.jit
 def _forward_kernel(
-    Q, K, V, O, LSE, kv_counts, kv_indices, qk_scale, S, NQ, MAXSEL,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, KD, VD, O, LSE, kv_counts, kv_indices, qk_scale, S, NQ, MAXSEL,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
     EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    TILE_N: tl.constexpr = BLOCK_N if BLOCK_N < BLOCK else BLOCK
+    T: tl.constexpr = TILE if TILE < BLOCK else BLOCK
     q_block = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    base = bh * S * HEAD_DIM
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * S * HEAD_DIM
     rows = q_block * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM_P)
     q = _load_tile(Q + base, rows, cols, S, HEAD_DIM, EVEN_S, EVEN_D)  # (BLOCK, D)
@@ -110,17 +128,17 @@ def _forward_kernel(
     num_selected = tl.load(kv_counts + row)
     for i in range(num_selected):
         kv_block = tl.load(kv_indices + row * MAXSEL + i)
-        for j in tl.static_range(BLOCK // TILE_N):
-            keys = kv_block * BLOCK + j * TILE_N + tl.arange(0, TILE_N)
-            k = _load_tile(K + base, keys, cols, S, HEAD_DIM, EVEN_S, EVEN_D)  # (TILE_N, D)
-            v = _load_tile(V + base, keys, cols, S, HEAD_DIM, EVEN_S, EVEN_D)
-            # -- scores in base 2; keys past S (masked tail) get -inf
-            qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK, TILE_N)
+        for j in tl.static_range(BLOCK // T):
+            first_key = kv_block * BLOCK + j * T
+            k = _load_box(KD, bh, first_key, T, HEAD_DIM_P)  # (T, D)
+            v = _load_box(VD, bh, first_key, T, HEAD_DIM_P)
+            # -- raw scores; keys past S (masked tail) get -inf
+            qk = tl.dot(q, tl.trans(k))  # (BLOCK, T)
             if not EVEN_S:
-                qk = tl.where(keys[None, :] < S, qk, float("-inf"))
-            # -- update running max and normaliser, rescale the accumulator
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
+                qk = tl.where(first_key + tl.arange(0, T)[None, :] < S, qk, float("-inf"))
+            # -- running max in base 2; the scale folds into one FMA per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -143,17 +161,17 @@ def _delta_kernel(O, DO, DELTA, S, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.conste
     tl.store(DELTA + bh * S + rows, tl.sum(o * do, 1), mask=rows < S)
 
 
-@triton.autotune(configs=_configs(DKDV_OPTIONS, "BLOCK_M"), key=TUNING_KEY, prune_configs_by=_prune("BLOCK_M"))
+@triton.autotune(configs=_configs(DKDV_OPTIONS), **AUTOTUNE)
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, q_counts, q_offsets, q_blocks, scale, qk_scale, S, NKV, LIST_WIDTH,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    QD, K, V, DOD, LSE, DELTA, DK, DV, q_counts, q_offsets, q_blocks, scale, qk_scale, S, NKV, LIST_WIDTH,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
     EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    TILE_M: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK else BLOCK
+    T: tl.constexpr = TILE if TILE < BLOCK else BLOCK
     kv_block = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    base = bh * S * HEAD_DIM
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * S * HEAD_DIM
     keys = kv_block * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM_P)
     k = _load_tile(K + base, keys, cols, S, HEAD_DIM, EVEN_S, EVEN_D)  # (BLOCK, D)
@@ -166,14 +184,15 @@ def _dkdv_kernel(
     first = bh * LIST_WIDTH + tl.load(q_offsets + column)
     for i in range(num_selecting):
         q_block = tl.load(q_blocks + first + i)
-        for j in tl.static_range(BLOCK // TILE_M):
-            rows = q_block * BLOCK + j * TILE_M + tl.arange(0, TILE_M)
-            q = _load_tile(Q + base, rows, cols, S, HEAD_DIM, EVEN_S, EVEN_D)  # (TILE_M, D)
-            do = _load_tile(DO + base, rows, cols, S, HEAD_DIM, EVEN_S, EVEN_D)
+        for j in tl.static_range(BLOCK // T):
+            first_row = q_block * BLOCK + j * T
+            rows = first_row + tl.arange(0, T)
+            q = _load_box(QD, bh, first_row, T, HEAD_DIM_P)  # (T, D)
+            do = _load_box(DOD, bh, first_row, T, HEAD_DIM_P)
             # rows past S: lse = +inf makes their probabilities 0
             lse = tl.load(LSE + bh * S + rows, mask=rows < S, other=float("inf"))
             delta = tl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
-            # -- recompute the probabilities, transposed: (BLOCK, TILE_M)
+            # -- recompute the probabilities, transposed: (BLOCK, T)
             p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
             # -- dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
             dv = tl.dot(p_t.to(do.dtype), do, dv)
@@ -185,17 +204,17 @@ def _dkdv_kernel(
     _store_tile(DV + base, dv.to(DV.dtype.element_ty), keys, cols, S, HEAD_DIM, EVEN_S, EVEN_D)
 
 
-@triton.autotune(configs=_configs(DQ_OPTIONS, "BLOCK_N"), key=TUNING_KEY, prune_configs_by=_prune("BLOCK_N"))
+@triton.autotune(configs=_configs(DQ_OPTIONS), **AUTOTUNE)
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, kv_counts, kv_indices, scale, qk_scale, S, NQ, MAXSEL,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, KD, VD, DO, LSE, DELTA, DQ, kv_counts, kv_indices, scale, qk_scale, S, NQ, MAXSEL,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
     EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    TILE_N: tl.constexpr = BLOCK_N if BLOCK_N < BLOCK else BLOCK
+    T: tl.constexpr = TILE if TILE < BLOCK else BLOCK
     q_block = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    base = bh * S * HEAD_DIM
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * S * HEAD_DIM
     rows = q_block * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM_P)
     q = _load_tile(Q + base, rows, cols, S, HEAD_DIM, EVEN_S, EVEN_D)  # (BLOCK, D)
@@ -208,12 +227,12 @@ def _dq_kernel(
     num_selected = tl.load(kv_counts + row)
     for i in range(num_selected):
         kv_block = tl.load(kv_indices + row * MAXSEL + i)
-        for j in tl.static_range(BLOCK // TILE_N):
-            keys = kv_block * BLOCK + j * TILE_N + tl.arange(0, TILE_N)
-            k = _load_tile(K + base, keys, cols, S, HEAD_DIM, EVEN_S, EVEN_D)  # (TILE_N, D)
-            v = _load_tile(V + base, keys, cols, S, HEAD_DIM, EVEN_S, EVEN_D)
-            # -- recompute P; dS = P * (dO V^T - delta);  dQ += dS K
-            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK, TILE_N)
+        for j in tl.static_range(BLOCK // T):
+            first_key = kv_block * BLOCK + j * T
+            k = _load_box(KD, bh, first_key, T, HEAD_DIM_P)  # (T, D)
+            v = _load_box(VD, bh, first_key, T, HEAD_DIM_P)
+            # -- recompute P; dS = P * (dO V^T - delta);  dQ += dS K  (keys past S: k = 0)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK, T)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -221,13 +240,68 @@ def _dq_kernel(
     _store_tile(DQ + base, (dq * scale).to(DQ.dtype.element_ty), rows, cols, S, HEAD_DIM, EVEN_S, EVEN_D)
 
 
+def _padded(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _shape_args(q: Tensor, index: BlockIndex) -> dict:
     head_dim = q.shape[-1]
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
     return dict(
-        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK=index.block_size,
-        EVEN_S=q.shape[-2] % index.block_size == 0, EVEN_D=head_dim == head_dim_p,
+        HEAD_DIM=head_dim, HEAD_DIM_P=_padded(head_dim), BLOCK=index.block_size,
+        EVEN_S=q.shape[-2] % index.block_size == 0, EVEN_D=head_dim == _padded(head_dim),
     )
+
+
+def _descriptor(t: Tensor) -> TensorDescriptor:
+    """TMA descriptor over the (B*H, S, D) view of a contiguous (B, H, S, D) tensor; its box
+    (1, tile rows, padded D) is set per config before launch."""
+    flat = t.view(-1, t.shape[-2], t.shape[-1])
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, 1, _padded(t.shape[-1])])
+
+
+def _launch(tuner, num_blocks: int, batch_heads: int, args: dict, shape: dict, config: triton.Config | None) -> None:
+    """Runs `tuner` (autotuned) or, given `config`, its kernel with exactly that config."""
+    grid = (num_blocks, batch_heads)
+    if config is None:
+        tuner[grid](**args, **shape)
+    else:
+        _set_boxes({**args, **shape, **config.kwargs})
+        tuner.fn[grid](**args, **shape, **config.all_kwargs())
+
+
+def launch_forward(q, k, v, o, lse, index: BlockIndex, scale: float, config: triton.Config | None = None) -> None:
+    """Fills o (B, H, S, D) and the base-2 log-sum-exp lse (B, H, S) fp32."""
+    b, h, s, _ = q.shape
+    nq, maxsel = index.indices.shape[-2:]
+    args = dict(Q=q, KD=_descriptor(k), VD=_descriptor(v), O=o, LSE=lse, kv_counts=index.counts,
+                kv_indices=index.indices, qk_scale=scale * LOG2E, S=s, NQ=nq, MAXSEL=maxsel)
+    _launch(_forward_kernel, nq, b * h, args, _shape_args(q, index), config)
+
+
+def launch_delta(o: Tensor, do: Tensor, delta: Tensor) -> None:
+    """Fills delta (B, H, S) fp32 with rowsum(dO * O)."""
+    b, h, s, d = o.shape
+    _delta_kernel[(triton.cdiv(s, 64), b * h)](o, do, delta, s, d, _padded(d), 64)
+
+
+def launch_dkdv(q, k, v, do, lse, delta, dk, dv, index: BlockIndex, transposed, scale: float,
+                config: triton.Config | None = None) -> None:
+    """Fills dk, dv (B, H, S, D), walking the transposed lists."""
+    b, h, s, _ = q.shape
+    args = dict(QD=_descriptor(q), K=k, V=v, DOD=_descriptor(do), LSE=lse, DELTA=delta, DK=dk, DV=dv,
+                q_counts=transposed.counts, q_offsets=transposed.offsets, q_blocks=transposed.q_blocks,
+                scale=scale, qk_scale=scale * LOG2E, S=s, NKV=index.num_blocks, LIST_WIDTH=transposed.q_blocks.shape[-1])
+    _launch(_dkdv_kernel, index.num_blocks, b * h, args, _shape_args(q, index), config)
+
+
+def launch_dq(q, k, v, do, lse, delta, dq, index: BlockIndex, scale: float, config: triton.Config | None = None) -> None:
+    """Fills dq (B, H, S, D), walking the forward lists."""
+    b, h, s, _ = q.shape
+    nq, maxsel = index.indices.shape[-2:]
+    args = dict(Q=q, KD=_descriptor(k), VD=_descriptor(v), DO=do, LSE=lse, DELTA=delta, DQ=dq,
+                kv_counts=index.counts, kv_indices=index.indices, scale=scale, qk_scale=scale * LOG2E,
+                S=s, NQ=nq, MAXSEL=maxsel)
+    _launch(_dq_kernel, nq, b * h, args, _shape_args(q, index), config)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) -> tuple[Tensor, Tensor]:
@@ -235,10 +309,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) ->
     b, h, s, _ = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    nq, maxsel = index.indices.shape[-2:]
-    _forward_kernel[(nq, b * h)](
-        q, k, v, o, lse, index.counts, index.indices, scale * LOG2E, s, nq, maxsel, **_shape_args(q, index)
-    )
+    launch_forward(q, k, v, o, lse, index, scale)
     return o, lse
 
 
@@ -246,20 +317,9 @@ def backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: BlockIndex, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv for contiguous (B, H, S, D) inputs; dK/dV walk the transposed lists."""
-    b, h, s, d = q.shape
-    shape = _shape_args(q, index)
     delta = torch.empty_like(lse)
-    _delta_kernel[(triton.cdiv(s, 64), b * h)](o, do, delta, s, d, shape["HEAD_DIM_P"], 64)
-
-    transposed = index.transpose()
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _dkdv_kernel[(index.num_blocks, b * h)](
-        q, k, v, do, lse, delta, dk, dv, transposed.counts, transposed.offsets, transposed.q_blocks,
-        scale, scale * LOG2E, s, index.num_blocks, transposed.q_blocks.shape[-1], **shape,
-    )
-    dq = torch.empty_like(q)
-    nq, maxsel = index.indices.shape[-2:]
-    _dq_kernel[(nq, b * h)](
-        q, k, v, do, lse, delta, dq, index.counts, index.indices, scale, scale * LOG2E, s, nq, maxsel, **shape
-    )
+    launch_delta(o, do, delta)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    launch_dkdv(q, k, v, do, lse, delta, dk, dv, index, index.transpose(), scale)
+    launch_dq(q, k, v, do, lse, delta, dq, index, scale)
     return dq, dk, dv
