@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from dsv.ops.block_index import BlockIndex
+from dsv.ops.block_index import BlockIndex, TransposedBlockIndex
 from dsv.ops.sparse_attention.reference import dense_masked_attention, gathered_attention
 
 BACKENDS = ("auto", "triton", "flex", "reference")
@@ -71,7 +71,10 @@ class _SparseAttention(torch.autograd.Function):
         q, k, v = (_tma_ready(t) for t in (q, k, v))
         index = BlockIndex(counts=counts, indices=indices, block_size=block_size, seq_len=q.shape[-2])
         o, lse = kernels.forward(q, k, v, index, scale)
-        ctx.save_for_backward(q, k, v, o, lse, counts, indices)
+        # the backward walks the transposed lists; building them here hides their launches
+        # behind the forward kernel instead of stalling the GPU at the start of the backward
+        transposed = index.transpose()
+        ctx.save_for_backward(q, k, v, o, lse, counts, indices, transposed.counts, transposed.offsets, transposed.q_blocks)
         ctx.block_size, ctx.scale = block_size, scale
         return o
 
@@ -79,9 +82,11 @@ class _SparseAttention(torch.autograd.Function):
     def backward(ctx, do):
         from dsv.ops.sparse_attention import kernels
 
-        q, k, v, o, lse, counts, indices = ctx.saved_tensors
+        q, k, v, o, lse, counts, indices, *transposed = ctx.saved_tensors
         index = BlockIndex(counts=counts, indices=indices, block_size=ctx.block_size, seq_len=q.shape[-2])
-        dq, dk, dv = kernels.backward(_tma_ready(do), q, k, v, o, lse, index, ctx.scale)
+        dq, dk, dv = kernels.backward(
+            _tma_ready(do), q, k, v, o, lse, index, ctx.scale, transposed=TransposedBlockIndex(*transposed)
+        )
         return dq, dk, dv, None, None, None, None
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dsv.ops.block_index import BlockIndex
+from dsv.ops.block_index import BlockIndex, TransposedBlockIndex
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -284,7 +284,7 @@ def launch_delta(o: Tensor, do: Tensor, delta: Tensor) -> None:
     _delta_kernel[(triton.cdiv(s, 64), b * h)](o, do, delta, s, d, _padded(d), 64)
 
 
-def launch_dkdv(q, k, v, do, lse, delta, dk, dv, index: BlockIndex, transposed, scale: float,
+def launch_dkdv(q, k, v, do, lse, delta, dk, dv, index: BlockIndex, transposed: TransposedBlockIndex, scale: float,
                 config: triton.Config | None = None) -> None:
     """Fills dk, dv (B, H, S, D), walking the transposed lists."""
     b, h, s, _ = q.shape
@@ -314,12 +314,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) ->
 
 
 def backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: BlockIndex, scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: BlockIndex, scale: float,
+    transposed: TransposedBlockIndex | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv for contiguous (B, H, S, D) inputs; dK/dV walk the transposed lists."""
+    """dq, dk, dv for contiguous (B, H, S, D) inputs; dK/dV walk the transposed lists
+    (`index.transpose()`, built here unless given)."""
     delta = torch.empty_like(lse)
     launch_delta(o, do, delta)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    launch_dkdv(q, k, v, do, lse, delta, dk, dv, index, index.transpose(), scale)
+    transposed = index.transpose() if transposed is None else transposed
+    launch_dkdv(q, k, v, do, lse, delta, dk, dv, index, transposed, scale)
     launch_dq(q, k, v, do, lse, delta, dq, index, scale)
     return dq, dk, dv
