@@ -22,7 +22,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from dsv.ops.block_index import random_block_index
 from dsv.ops.block_select import select_blocks
-from dsv.ops.sparse_attention import sparse_attention_index
+from dsv.ops.sparse_attention import flex_kernel_options, sparse_attention_index
 
 BATCH = 1
 LOW_RANK = 16
@@ -242,7 +242,7 @@ def main() -> None:
                 row(density, "ours (triton)", ours, flops, select)
                 if not args.no_flex:
                     mask = index.to_block_mask()
-                    row(density, "flex (compiled)", measure(lambda q, k, v: flex(q, k, v, block_mask=mask), q, k, v, do, args.rep_ms), flops)
+                    row(density, "flex (compiled)", measure(lambda q, k, v: flex(q, k, v, block_mask=mask, kernel_options=flex_kernel_options(mask)), q, k, v, do, args.rep_ms), flops)
             del q, k, v, do
             torch.cuda.empty_cache()
     if args.breakdown:

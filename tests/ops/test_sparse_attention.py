@@ -177,17 +177,44 @@ def _all_configs():
     from dsv.ops.sparse_attention import kernels
 
     tuners = {"forward": kernels._forward_kernel, "dkdv": kernels._dkdv_kernel, "dq": kernels._dq_kernel}
-    return [(name, config) for name, tuner in tuners.items() for config in tuner.configs]
+    return [(name, config, block) for name, tuner in tuners.items() for config in tuner.configs
+            for block in (64, 128) if config.kwargs["TILE"] <= block]
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("name_config", _all_configs() if torch.cuda.is_available() else [],
-                         ids=lambda nc: f"{nc[0]}-tile{nc[1].kwargs['TILE']}-w{nc[1].num_warps}s{nc[1].num_stages}")
-def test_gpu_every_autotune_config_matches_fp64(name_config):
+@pytest.mark.parametrize("case", _all_configs() if torch.cuda.is_available() else [],
+                         ids=lambda c: f"{c[0]}-tile{c[1].kwargs['TILE']}-w{c[1].num_warps}s{c[1].num_stages}-block{c[2]}")
+def test_gpu_every_autotune_config_matches_fp64(case):
     """The autotuner may pick any of them on some GPU: each must be right on its own."""
-    name, config = name_config
-    index, q, k, v, do = _problem(12, 1, 3, 1000, 128, 128, 0.3, torch.bfloat16, per_head=(0.05, 0.3, 1.0))
+    name, config, block = case
+    index, q, k, v, do = _problem(12, 1, 3, 1000, 128, block, 0.3, torch.bfloat16, per_head=(0.05, 0.3, 1.0))
     configs = {n: (config if n == name else None) for n in ("forward", "dkdv", "dq")}
     ours = _with_configs(index, q, k, v, do, configs["forward"], configs["dkdv"], configs["dq"])
     _assert_close_to_fp64(ours, index, q, k, v, do, atol=1e-3)
+
+
+def test_autotune_pruning_keeps_the_measured_winners_per_block():
+    import triton
+
+    from dsv.ops.sparse_attention import kernels
+
+    for options in (kernels.FWD_OPTIONS, kernels.DKDV_OPTIONS, kernels.DQ_OPTIONS):
+        configs = [triton.Config({"TILE": t}, num_warps=w, num_stages=s) for t, w, s in options]
+        for block, warps in ((128, 8), (64, 4), (32, 4)):
+            kept = kernels._prune(configs, {}, BLOCK=block)
+            assert kept and all(c.num_warps == warps for c in kept), (block, kept)
+            if block >= 64:
+                assert all(c.kwargs["TILE"] <= block for c in kept)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_flex_backend_takes_block_64_masks_at_head_dim_128():
+    """Compiled Flex tiles 128 rows by default and refuses 64-token blocks unless told (forward;
+    see flex_kernel_options for its backward)."""
+    index, q, k, v, _ = _problem(13, 1, 2, 1024, 128, 64, 0.3, torch.bfloat16)
+    with torch.no_grad():
+        flex = sparse_attention_index(q, k, v, index, backend="flex")
+        ours = sparse_attention_index(q, k, v, index, backend="triton")
+    torch.testing.assert_close(flex.float(), ours.float(), atol=2e-2, rtol=2e-2)

@@ -24,7 +24,7 @@ BACKENDS = ("auto", "triton", "flex", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
-__all__ = ["sparse_attention", "sparse_attention_index", "dense_masked_attention", "gathered_attention"]
+__all__ = ["sparse_attention", "sparse_attention_index", "dense_masked_attention", "gathered_attention", "flex_kernel_options"]
 
 
 def sparse_attention(
@@ -106,7 +106,16 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float) 
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=flex_kernel_options(block_mask))
+
+
+def flex_kernel_options(block_mask: BlockMask) -> dict | None:
+    """Compiled FlexAttention tiles 128 query rows by default (at head dim 128 on Hopper) and
+    refuses masks of smaller blocks; tile its forward at the mask's block size instead. Its
+    backward picks tiles from fixed defaults that these options do not reach: in torch 2.11
+    the backward of a 64-token-block mask at head dim 128 compiles only under max-autotune."""
+    block = min(block_mask.BLOCK_SIZE)
+    return {"BLOCK_M": block, "BLOCK_N": block} if block < 128 else None
 
 
 def _scale(q: Tensor, scale: float | None) -> float:

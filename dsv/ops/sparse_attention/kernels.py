@@ -66,16 +66,21 @@ def _set_boxes(nargs: dict) -> None:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drops configs whose tile exceeds the block (the kernels would clamp it)."""
-    return [c for c in configs if c.kwargs["TILE"] <= kwargs["BLOCK"]] or configs[:1]
+    """Keeps the configs measured to win at this block size: 8 warps (two warpgroups) over a
+    128-row block, 4 warps (one) over smaller blocks; tiles no larger than the block (below 64
+    rows the kernels clamp the tile to the block)."""
+    block = kwargs["BLOCK"]
+    warps = 8 if block >= 128 else 4
+    return [c for c in configs if c.kwargs["TILE"] <= max(block, 64) and c.num_warps == warps] or configs[:1]
 
 
-# Measured on an H200 at S = 32k, D = 128, densities 0.1 and 1 (benchmarks/results/attention_*):
-# 8 warps over the whole 128-row block win; splitting the block over 4-warp programs or
-# walking 32-row tiles is 10-50% slower. Kept small: each config is a compile.
-FWD_OPTIONS = [(128, 8, 3), (128, 8, 2), (64, 8, 3)]
-DKDV_OPTIONS = [(64, 8, 3), (64, 8, 2), (32, 8, 3)]
-DQ_OPTIONS = [(128, 8, 2), (64, 8, 3), (64, 8, 2)]
+# (walked tile rows, num_warps, num_stages), measured on an H200 at S = 32k, D = 128, densities
+# 0.1 and 1 (benchmarks/results/attention_*_2026-11-22.md). Block 128: 8 warps over the whole
+# block win; 4-warp programs over half a block, 16 warps or 32-row tiles are 10-300% slower.
+# Block 64: 4 warps are 1.5-2x faster than 8. Kept small: each config is a compile.
+FWD_OPTIONS = [(128, 8, 3), (128, 8, 2), (64, 8, 3), (64, 4, 3), (64, 4, 2)]
+DKDV_OPTIONS = [(64, 8, 2), (64, 8, 3), (64, 4, 2), (32, 4, 3)]
+DQ_OPTIONS = [(128, 8, 2), (64, 8, 3), (64, 8, 2), (64, 4, 3), (32, 4, 3)]
 TUNING_KEY = ["HEAD_DIM_P", "BLOCK", "EVEN_S"]
 AUTOTUNE = dict(key=TUNING_KEY, prune_configs_by={"early_config_prune": _prune})
 
