@@ -93,6 +93,26 @@ class BlockIndex:
         offsets = (torch.cumsum(counts, -1, dtype=torch.int32) - counts).contiguous()
         return TransposedBlockIndex(counts=counts, offsets=offsets, q_blocks=q_blocks.contiguous())
 
+    def halve_blocks(self) -> "BlockIndex":
+        """The same token-level mask in blocks of half the size: query sub-block 2i (and 2i+1)
+        takes each listed KV block j as its halves 2j and 2j+1 (the second dropped where it
+        lies past the sequence)."""
+        if self.block_size % 2:
+            raise ValueError(f"cannot halve blocks of {self.block_size} tokens")
+        half = self.block_size // 2
+        n = -(-self.seq_len // half)
+        b, h, nq, width = self.indices.shape
+        valid = torch.arange(width, device=self.indices.device) < self.counts[..., None]
+        # -- a list stays ascending: j -> (2j, 2j + 1); only the sequence's last block can lose
+        #    its upper half, and it can only be the last entry of a list
+        indices = torch.stack([2 * self.indices, 2 * self.indices + 1], -1).reshape(b, h, nq, 2 * width)
+        upper_past_end = (valid & (2 * self.indices + 1 >= n)).sum(-1, dtype=torch.int32)
+        counts = 2 * self.counts - upper_past_end
+        # -- both query halves of block i share its list; the sequence may end in the lower one
+        counts = counts.repeat_interleave(2, dim=-1)[..., :n].contiguous()
+        indices = torch.where(indices < n, indices, 0).repeat_interleave(2, dim=-2)[..., :n, :].contiguous()
+        return BlockIndex(counts=counts, indices=indices.to(torch.int32), block_size=half, seq_len=self.seq_len)
+
     def to_block_mask(self, *, token_mask_mod: bool = False) -> BlockMask:
         """The (NQ, NKV)-wide FlexAttention mask. Compiled FlexAttention skips unlisted blocks;
         its eager (CPU) path ignores the lists and applies only mask_mod, so `token_mask_mod`

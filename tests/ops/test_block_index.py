@@ -86,3 +86,23 @@ def test_expand_broadcasts_batch_and_heads():
     index = _index(7, batch=1, heads=1, per_head=(0.3,))
     wide = index.expand(2, 3)
     assert wide.indices.shape[:2] == (2, 3) and torch.equal(wide.indices[1, 2], index.indices[0, 0])
+
+
+def _token_mask(index):
+    """(B, H, S, S) bool: which keys each query may attend to."""
+    b = index.block_size
+    dense = index.to_dense().repeat_interleave(b, dim=-2).repeat_interleave(b, dim=-1)
+    return dense[..., : index.seq_len, : index.seq_len]
+
+
+@pytest.mark.parametrize("seq_len", [256, 250, 200, 130])
+def test_halving_blocks_keeps_the_token_mask(seq_len):
+    generator = torch.Generator().manual_seed(seq_len)
+    index = random_block_index(2, 3, seq_len, 64, 0.4, generator=generator, per_head_density=(0.2, 0.6, 1.0))
+    halved = index.halve_blocks()
+    assert halved.block_size == 32 and halved.num_blocks == -(-seq_len // 32)
+    assert torch.equal(_token_mask(halved), _token_mask(index))
+    valid = torch.arange(halved.indices.shape[-1]) < halved.counts[..., None]
+    listed = torch.where(valid, halved.indices, -1)
+    assert (listed.diff(dim=-1)[valid[..., 1:]] > 0).all(), "lists stay ascending"
+    assert (halved.indices[valid] < halved.num_blocks).all()

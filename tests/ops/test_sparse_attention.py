@@ -52,6 +52,7 @@ CASES = {
     "heads-of-one-and-all-blocks": (1, 3, 256, 32, 32, 0.0, (0.01, 1.0, 0.5)),
     "block-128-dense": (1, 1, 300, 64, 128, 1.0, None),
     "block-16-diagonal-only": (1, 1, 50, 16, 16, 0.0, (0.01,)),
+    "head-dim-256-block-128-runs-as-64": (1, 1, 200, 256, 128, 0.5, None),
 }
 
 
@@ -157,7 +158,7 @@ def test_clear_errors():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("head_dim", [64, 96, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("block", [64, 128], ids=lambda b: f"block{b}")
 def test_gpu_bf16_matches_fp64(head_dim, block):
     problem = _problem(7, 2, 3, 1000, head_dim, block, 0.3, torch.bfloat16, per_head=(0.05, 0.3, 1.0))

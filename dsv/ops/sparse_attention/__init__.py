@@ -57,6 +57,8 @@ def sparse_attention_index(
     if backend == "flex":
         return _flex(q, k, v, index.to_block_mask(token_mask_mod=not q.is_cuda), scale)
     _check_kernel_inputs(q, index)
+    if q.shape[-1] > 128 and index.block_size > 64:
+        index = index.halve_blocks()  # 128-row tiles of a head wider than 128 overflow shared memory
     return _SparseAttention.apply(q, k, v, index.counts, index.indices, index.block_size, scale)
 
 
