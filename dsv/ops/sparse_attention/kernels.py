@@ -9,12 +9,14 @@ The walked side (K and V in the forward and dQ, Q and dO in dK/dV) is read throu
 tensor descriptors over a (B*H, S, D) view: a tile is one bulk copy addressed by
 (head, first row), and the hardware zero-fills rows past S and columns past D.
 
-Scores are kept in base 2: `qk_scale = scale * log2(e)` is folded into the dot product, and
-the saved log-sum-exp `lse` is base 2 too, so p = exp2(qk * qk_scale - lse).
+Scores are kept in base 2: the raw q.k enters the exponent through one FMA with
+`qk_scale = scale * log2(e)`, and the saved log-sum-exp `lse` is base 2 too, so
+p = exp2(qk * qk_scale - lse).
 
 q, k, v, o and their gradients are contiguous (B, H, S, D) with 16-byte aligned rows; lse and
-delta are (B, H, S) fp32. Rows past S in the last block are loaded as 0 and never stored; keys past S are masked to
--inf in the forward (in the backward their k = v = 0 make their contribution vanish).
+delta are (B, H, S) fp32. Rows past S in the last block are loaded as 0 and never stored; keys
+past S are masked to -inf in the forward (in the backward their k = v = 0 make their
+contribution vanish).
 This module is imported lazily, so tests can set TRITON_INTERPRET=1 before it is.
 """
 from __future__ import annotations
