@@ -4,6 +4,7 @@ the blocks from rank-16 projections and the memory of the block indices.
 
     PYTHONPATH=. python3 benchmarks/attention.py --out benchmarks/results/attention_h100_<date>.md
     PYTHONPATH=. python3 benchmarks/attention.py --seq-lens 32768 65536 --head-dims 128 --densities 0.1 1
+    PYTHONPATH=. python3 benchmarks/attention.py --seq-lens --head-dims 128 --block 64 --sweep 32768  # every config
 
 FLOPs: forward 4 * B * H * S^2 * D * density, backward 2.5x that (five matmuls against two);
 TFLOP/s are effective, i.e. on the computed blocks only. Memory is the peak allocated during
