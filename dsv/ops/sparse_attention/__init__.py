@@ -50,8 +50,8 @@ def sparse_attention_index(
     b, h, s, _ = q.shape
     index = _check_index(index, q)
     scale = _scale(q, scale)
-    if backend == "auto":  # flex where the kernels' TMA cannot read the rows (head_dim * itemsize % 16)
-        backend = "reference" if not q.is_cuda else "flex" if q.shape[-1] * q.element_size() % 16 else "triton"
+    if backend == "auto":
+        backend = "reference" if not q.is_cuda else "triton" if _tma_readable(q) else "flex"
     if backend == "reference":
         return gathered_attention(q, k, v, index, scale)
     if backend == "flex":
@@ -73,11 +73,13 @@ class _SparseAttention(torch.autograd.Function):
         q, k, v = (_tma_ready(t) for t in (q, k, v))
         index = BlockIndex(counts=counts, indices=indices, block_size=block_size, seq_len=q.shape[-2])
         o, lse = kernels.forward(q, k, v, index, scale)
+        ctx.block_size, ctx.scale = block_size, scale
+        if not any(ctx.needs_input_grad[:3]):  # no backward will run (sampling, no_grad evaluation)
+            return o
         # the backward walks the transposed lists; building them here hides their launches
         # behind the forward kernel instead of stalling the GPU at the start of the backward
         transposed = index.transpose()
         ctx.save_for_backward(q, k, v, o, lse, counts, indices, transposed.counts, transposed.offsets, transposed.q_blocks)
-        ctx.block_size, ctx.scale = block_size, scale
         return o
 
     @staticmethod
@@ -90,6 +92,11 @@ class _SparseAttention(torch.autograd.Function):
             _tma_ready(do), q, k, v, o, lse, index, ctx.scale, transposed=TransposedBlockIndex(*transposed)
         )
         return dq, dk, dv, None, None, None, None
+
+
+def _tma_readable(q: Tensor) -> bool:
+    """The kernels read rows with TMA, which needs each row to be a multiple of 16 bytes."""
+    return q.shape[-1] * q.element_size() % 16 == 0
 
 
 def _tma_ready(t: Tensor) -> Tensor:
@@ -164,7 +171,7 @@ def _check_kernel_inputs(q: Tensor, index: BlockIndex) -> None:
         raise TypeError(f"the triton backend takes {KERNEL_DTYPES}, got {q.dtype}")
     if q.shape[-1] > 256:
         raise ValueError(f"the triton backend takes head dims up to 256, got {q.shape[-1]}")
-    if q.shape[-1] * q.element_size() % 16:
+    if not _tma_readable(q):
         raise ValueError(
             f"the triton backend reads rows with TMA, which needs head_dim * {q.element_size()} bytes to be a multiple "
             f"of 16; got head_dim {q.shape[-1]} ({q.dtype}): pad the head dim or use backend='flex' or 'reference'"
