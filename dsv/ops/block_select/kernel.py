@@ -27,6 +27,16 @@ PROGRAMS_PER_SM = 4  # key slices are added until the grid has this many program
 
 
 @triton.jit
+def _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2):
+    """Base-2 scores (BLOCK_M, BLOCK_N) of the rows against the keys from `start`; -inf past the sequence."""
+    key_valid = start + offs_n < seq_len
+    k = tl.load(k_base + (start + offs_n[:, None]) * stride_k_s,
+                mask=key_valid[:, None] & (offs_r[None, :] < rank), other=0.0)  # (BLOCK_N, RANK)
+    s = tl.dot(rows, tl.trans(k)) * scale_log2
+    return tl.where(key_valid[None, :], s, float("-inf"))
+
+
+@triton.jit
 def _block_mass_kernel(
     rows_ptr, k_ptr, mass_ptr, max_ptr, norm_ptr,
     stride_rows_bh, stride_rows_m,
@@ -50,23 +60,17 @@ def _block_mass_kernel(
     k_base = k_ptr + bh * stride_k_bh + offs_r[None, :]
     first_key = key_slice * keys_per_slice
     last_key = tl.minimum(first_key + keys_per_slice, seq_len)
-    # (max, normaliser) of (bh, key slice, row), laid out (BH, slices, rows)
-    stats = (bh * tl.num_programs(2) + key_slice) * n_rows + offs_m
-
     if PASS == 1:  # -- running max and normaliser of every row over this slice (base-2 scores)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         start = first_key
         while start < last_key:  # a while loop: the interpreter cannot range() over a runtime bound
-            key_valid = start + offs_n < seq_len
-            k = tl.load(k_base + (start + offs_n[:, None]) * stride_k_s,
-                        mask=key_valid[:, None] & (offs_r[None, :] < rank), other=0.0)  # (BLOCK_N, RANK)
-            s = tl.dot(rows, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N)
-            s = tl.where(key_valid[None, :], s, float("-inf"))
+            s = _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
             m_i = m_new
             start += BLOCK_N
+        stats = (bh * tl.num_programs(2) + key_slice) * n_rows + offs_m  # laid out (BH, slices, rows)
         tl.store(max_ptr + stats, m_i, mask=row_valid)
         tl.store(norm_ptr + stats, l_i, mask=row_valid)
     else:  # -- normalised probabilities (the rows' merged max and 1 / normaliser), per KV block
@@ -75,11 +79,8 @@ def _block_mass_kernel(
         row_weight = tl.where(row_valid, 1.0, 0.0) / tl.minimum(n_rows - row_block * BLOCK_M, BLOCK_M)
         start = first_key
         while start < last_key:
-            key_valid = start + offs_n < seq_len
-            k = tl.load(k_base + (start + offs_n[:, None]) * stride_k_s,
-                        mask=key_valid[:, None] & (offs_r[None, :] < rank), other=0.0)
-            s = tl.dot(rows, tl.trans(k)) * scale_log2
-            p = tl.where(key_valid[None, :], tl.exp2(s - m_i[:, None]), 0.0)
+            s = _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2)
+            p = tl.exp2(s - m_i[:, None])  # keys past the sequence: exp2(-inf) = 0
             block_mass = tl.sum(p, 1) * inv_l  # (BLOCK_M,)
             out = mass_ptr + bh * stride_mass_bh + start // BLOCK_N
             if AVERAGE_ROWS:
