@@ -140,9 +140,10 @@ def _kernel_calls(p: dict, config=None) -> dict:
     from dsv.ops.sparse_attention import kernels
 
     o, dq, dk, dv = (torch.empty_like(p["q"]) for _ in range(4))
+    lse = torch.empty_like(p["lse"])
     qkv = (p["q"], p["k"], p["v"])
     return {
-        "forward": (lambda c=config: kernels.launch_forward(*qkv, o, torch.empty_like(p["lse"]), p["index"], p["scale"], c), 2),
+        "forward": (lambda c=config: kernels.launch_forward(*qkv, o, lse, p["index"], p["scale"], c), 2),
         "dK dV": (lambda c=config: kernels.launch_dkdv(*qkv, p["do"], p["lse"], p["delta"], dk, dv, p["index"],
                                                         p["transposed"], p["scale"], c), 4),
         "dQ": (lambda c=config: kernels.launch_dq(*qkv, p["do"], p["lse"], p["delta"], dq, p["index"], p["scale"], c), 3),
