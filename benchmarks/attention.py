@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from dsv.ops.block_index import random_block_index
 from dsv.ops.block_select import select_blocks
-from dsv.ops.sparse_attention import flex_kernel_options, sparse_attention_index
+from dsv.ops.sparse_attention import flex_kernel_options, kernels, sparse_attention_index
 
 BATCH = 1
 LOW_RANK = 16
@@ -102,8 +102,6 @@ def index_memory(seq_lens, heads: int, block: int, density: float) -> list[str]:
 
 def kernel_report() -> list[str]:
     """The compiler's report for every compiled variant of our kernels, and the autotuner's picks."""
-    from dsv.ops.sparse_attention import kernels
-
     lines = ["", "| kernel | config | registers | spills | shared KiB | wgmma |", "|---|---|---|---|---|---|"]
     for tuner in (kernels._forward_kernel, kernels._dkdv_kernel, kernels._dq_kernel):
         for key, config in tuner.cache.items():
@@ -120,8 +118,6 @@ def kernel_report() -> list[str]:
 
 def _stage_problem(s: int, d: int, heads: int, block: int, density: float):
     """Random inputs, index and the forward's outputs for timing the kernels one by one."""
-    from dsv.ops.sparse_attention import kernels
-
     generator = torch.Generator(device="cuda").manual_seed(s)
     index = random_block_index(BATCH, heads, s, block, density, generator=generator)
     q, k, v, do = (torch.randn(BATCH, heads, s, d, device="cuda", generator=generator, dtype=torch.bfloat16)
@@ -137,8 +133,6 @@ def _stage_problem(s: int, d: int, heads: int, block: int, density: float):
 
 def _kernel_calls(p: dict, config=None) -> dict:
     """name -> (call, matmuls per tile) for our three main kernels, optionally with one config."""
-    from dsv.ops.sparse_attention import kernels
-
     o, dq, dk, dv = (torch.empty_like(p["q"]) for _ in range(4))
     lse = torch.empty_like(p["lse"])
     qkv = (p["q"], p["k"], p["v"])
@@ -150,14 +144,28 @@ def _kernel_calls(p: dict, config=None) -> dict:
     }
 
 
+def _gluon_forward_calls(p: dict) -> dict:
+    """name -> (call, matmuls) of the Gluon forward with 3 (the default) and 2 ring stages, or {}
+    where it does not apply."""
+    from dsv.ops.sparse_attention import gluon_forward
+
+    if kernels.forward_impl(p["q"], p["index"].block_size) != "gluon":
+        return {}
+    o, lse = torch.empty_like(p["q"]), torch.empty_like(p["lse"])
+    return {
+        ("forward (gluon)" if stages == gluon_forward.STAGES else f"forward (gluon, {stages} stages)"):
+            (lambda st=stages: gluon_forward.launch_forward(p["q"], p["k"], p["v"], o, lse, p["index"], p["scale"], st), 2)
+        for stages in (3, 2)
+    }
+
+
 def stage_breakdown(s: int, d: int, heads: int, block: int, density: float, rep_ms: float) -> list[str]:
     """Milliseconds of each stage of our forward+backward, called one by one."""
-    from dsv.ops.sparse_attention import kernels
-
     p = _stage_problem(s, d, heads, block, density)
     calls = _kernel_calls(p)
     stages = {
-        "forward": calls["forward"],
+        "forward (triton)": calls["forward"],
+        **{name: call for name, call in _gluon_forward_calls(p).items() if name == "forward (gluon)"},
         "transpose index": (p["index"].transpose, 0),
         "delta": (lambda: kernels.launch_delta(p["o"], p["do"], p["delta"]), 0),
         "dK dV": calls["dK dV"],
@@ -176,8 +184,6 @@ def stage_breakdown(s: int, d: int, heads: int, block: int, density: float, rep_
 
 def config_sweep(s: int, d: int, heads: int, block: int, density: float, rep_ms: float) -> list[str]:
     """Every autotune config of each kernel timed on its own (what the autotuner chooses from)."""
-    from dsv.ops.sparse_attention import kernels
-
     p = _stage_problem(s, d, heads, block, density)
     tuners = {"forward": kernels._forward_kernel, "dK dV": kernels._dkdv_kernel, "dQ": kernels._dq_kernel}
     lines = ["", f"Every config at S = {s // 1024}k, D = {d}, density {density} (walked tile rows, warps, stages):",
@@ -194,6 +200,10 @@ def config_sweep(s: int, d: int, heads: int, block: int, density: float, rep_ms:
                 result = f"failed: {type(error).__name__} | "
             lines.append(f"| {name} | {config.kwargs['TILE']} | {config.num_warps} | {config.num_stages} | {result} |")
             print(lines[-1], flush=True)
+    for name, (call, matmuls) in _gluon_forward_calls(p).items():
+        ms = bench_ms(call, rep_ms)
+        lines.append(f"| {name} | {block} | 2x4 + 1 | | {ms:.3f} | {matmuls * p['matmul_flops'] / ms / 1e9:.0f} |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -241,7 +251,7 @@ def main() -> None:
                 flops = dense_flops * index.density()
                 select = f"{selection_ms(s, args.heads, density, args.block, args.rep_ms):.2f}" if args.selection else ""
                 ours = measure(lambda q, k, v: sparse_attention_index(q, k, v, index), q, k, v, do, args.rep_ms)
-                row(density, "ours (triton)", ours, flops, select)
+                row(density, f"ours ({kernels.forward_impl(q, args.block)} fwd)", ours, flops, select)
                 if not args.no_flex:
                     mask = index.to_block_mask()
                     row(density, "flex (compiled)", measure(lambda q, k, v: flex(q, k, v, block_mask=mask, kernel_options=flex_kernel_options(mask)), q, k, v, do, args.rep_ms), flops)
