@@ -144,19 +144,28 @@ def _kernel_calls(p: dict, config=None) -> dict:
     }
 
 
-def _gluon_forward_calls(p: dict) -> dict:
-    """name -> (call, matmuls) of the Gluon forward with 3 (the default) and 2 ring stages, or {}
-    where it does not apply."""
-    from dsv.ops.sparse_attention import gluon_forward
+def _gluon_calls(p: dict) -> dict:
+    """name -> (call, matmuls) of the Gluon kernels, each with its default and one other ring
+    depth, or {} where they do not apply; the defaults are named "<kernel> (gluon)"."""
+    from dsv.ops.sparse_attention import gluon_backward, gluon_forward
 
-    if kernels.forward_impl(p["q"], p["index"].block_size) != "gluon":
+    if kernels.kernel_impl(p["q"], p["index"].block_size) != "gluon":
         return {}
-    o, lse = torch.empty_like(p["q"]), torch.empty_like(p["lse"])
-    return {
-        ("forward (gluon)" if stages == gluon_forward.STAGES else f"forward (gluon, {stages} stages)"):
-            (lambda st=stages: gluon_forward.launch_forward(p["q"], p["k"], p["v"], o, lse, p["index"], p["scale"], st), 2)
-        for stages in (3, 2)
+    o, lse, dq, dk, dv = (torch.empty_like(t) for t in (p["q"], p["lse"], p["q"], p["q"], p["q"]))
+    qkv, grads_in = (p["q"], p["k"], p["v"]), (p["do"], p["lse"], p["delta"])
+    kernels_and_depths = {
+        "forward": (lambda st: gluon_forward.launch_forward(*qkv, o, lse, p["index"], p["scale"], st), 2,
+                    gluon_forward.STAGES, 2),
+        "dK dV": (lambda st: gluon_backward.launch_dkdv(*qkv, *grads_in, dk, dv, p["index"], p["transposed"], p["scale"],
+                                                        stages=st), 4, gluon_backward.STAGES, 2),
+        "dQ": (lambda st: gluon_backward.launch_dq(*qkv, *grads_in, dq, p["index"], p["scale"], stages=st), 3,
+               gluon_backward.DQ_STAGES, 2),
     }
+    calls = {}
+    for kernel, (launch, matmuls, default, other) in kernels_and_depths.items():
+        calls[f"{kernel} (gluon)"] = (lambda launch=launch, st=default: launch(st), matmuls)
+        calls[f"{kernel} (gluon, {other} stages)"] = (lambda launch=launch, st=other: launch(st), matmuls)
+    return calls
 
 
 def stage_breakdown(s: int, d: int, heads: int, block: int, density: float, rep_ms: float) -> list[str]:
@@ -165,11 +174,11 @@ def stage_breakdown(s: int, d: int, heads: int, block: int, density: float, rep_
     calls = _kernel_calls(p)
     stages = {
         "forward (triton)": calls["forward"],
-        **{name: call for name, call in _gluon_forward_calls(p).items() if name == "forward (gluon)"},
         "transpose index": (p["index"].transpose, 0),
         "delta": (lambda: kernels.launch_delta(p["o"], p["do"], p["delta"]), 0),
-        "dK dV": calls["dK dV"],
-        "dQ": calls["dQ"],
+        "dK dV (triton)": calls["dK dV"],
+        "dQ (triton)": calls["dQ"],
+        **{name: call for name, call in _gluon_calls(p).items() if "stages" not in name},
         "backward (all)": (lambda: kernels.backward(p["do"], p["q"], p["k"], p["v"], p["o"], p["lse"], p["index"],
                                                     p["scale"]), 5),
     }
@@ -200,9 +209,9 @@ def config_sweep(s: int, d: int, heads: int, block: int, density: float, rep_ms:
                 result = f"failed: {type(error).__name__} | "
             lines.append(f"| {name} | {config.kwargs['TILE']} | {config.num_warps} | {config.num_stages} | {result} |")
             print(lines[-1], flush=True)
-    for name, (call, matmuls) in _gluon_forward_calls(p).items():
+    for name, (call, matmuls) in _gluon_calls(p).items():
         ms = bench_ms(call, rep_ms)
-        lines.append(f"| {name} | {block} | 2x4 + 1 | | {ms:.3f} | {matmuls * p['matmul_flops'] / ms / 1e9:.0f} |")
+        lines.append(f"| {name} | | 2x4 + 1 | | {ms:.3f} | {matmuls * p['matmul_flops'] / ms / 1e9:.0f} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -251,7 +260,7 @@ def main() -> None:
                 flops = dense_flops * index.density()
                 select = f"{selection_ms(s, args.heads, density, args.block, args.rep_ms):.2f}" if args.selection else ""
                 ours = measure(lambda q, k, v: sparse_attention_index(q, k, v, index), q, k, v, do, args.rep_ms)
-                row(density, f"ours ({kernels.forward_impl(q, args.block)} fwd)", ours, flops, select)
+                row(density, f"ours ({kernels.kernel_impl(q, args.block)})", ours, flops, select)
                 if not args.no_flex:
                     mask = index.to_block_mask()
                     row(density, "flex (compiled)", measure(lambda q, k, v: flex(q, k, v, block_mask=mask, kernel_options=flex_kernel_options(mask)), q, k, v, do, args.rep_ms), flops)
