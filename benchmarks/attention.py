@@ -145,26 +145,28 @@ def _kernel_calls(p: dict, config=None) -> dict:
 
 
 def _gluon_calls(p: dict) -> dict:
-    """name -> (call, matmuls) of the Gluon kernels, each with its default and one other ring
-    depth, or {} where they do not apply; the defaults are named "<kernel> (gluon)"."""
+    """name -> (call, matmuls) of the Gluon kernels, each at its default ring depth and at 2
+    stages, or {} where they do not apply; the defaults are named "<kernel> (gluon)"."""
     from dsv.ops.sparse_attention import gluon_backward, gluon_forward
 
-    if kernels.kernel_impl(p["q"], p["index"].block_size) != "gluon":
+    block = p["index"].block_size
+    if kernels.kernel_impl(p["q"], block) != "gluon":
         return {}
     o, lse, dq, dk, dv = (torch.empty_like(t) for t in (p["q"], p["lse"], p["q"], p["q"], p["q"]))
     qkv, grads_in = (p["q"], p["k"], p["v"]), (p["do"], p["lse"], p["delta"])
     kernels_and_depths = {
         "forward": (lambda st: gluon_forward.launch_forward(*qkv, o, lse, p["index"], p["scale"], st), 2,
-                    gluon_forward.STAGES, 2),
+                    gluon_forward.STAGES),
         "dK dV": (lambda st: gluon_backward.launch_dkdv(*qkv, *grads_in, dk, dv, p["index"], p["transposed"], p["scale"],
-                                                        stages=st), 4, gluon_backward.STAGES, 2),
+                                                        stages=st), 4, gluon_backward.DKDV_STAGES[block]),
         "dQ": (lambda st: gluon_backward.launch_dq(*qkv, *grads_in, dq, p["index"], p["scale"], stages=st), 3,
-               gluon_backward.DQ_STAGES, 2),
+               gluon_backward.DQ_STAGES[block]),
     }
     calls = {}
-    for kernel, (launch, matmuls, default, other) in kernels_and_depths.items():
+    for kernel, (launch, matmuls, default) in kernels_and_depths.items():
         calls[f"{kernel} (gluon)"] = (lambda launch=launch, st=default: launch(st), matmuls)
-        calls[f"{kernel} (gluon, {other} stages)"] = (lambda launch=launch, st=other: launch(st), matmuls)
+        if default != 2:
+            calls[f"{kernel} (gluon, 2 stages)"] = (lambda launch=launch: launch(2), matmuls)
     return calls
 
 

@@ -31,7 +31,7 @@ def _forward(q, k, v, index, stages=3):
     return o, lse
 
 
-def _gradients(q, k, v, do, index, stages):
+def _gradients(q, k, v, do, index, stages=None):
     """dq, dk, dv of the Gluon backward kernels, from the Triton forward's o and lse."""
     from dsv.ops.sparse_attention import gluon_backward, kernels
 
@@ -45,12 +45,16 @@ def _gradients(q, k, v, do, index, stages):
     return dq, dk, dv
 
 
-def _problem(case, dtype):
+def _problem(case, block, dtype):
+    from dsv.ops.sparse_attention.gluon_forward import gluon_forward_supported
+
     batch, heads, seq_len, density, per_head = case
     generator = torch.Generator().manual_seed(seq_len)
-    index = random_block_index(batch, heads, seq_len, 128, density, generator=generator,
+    index = random_block_index(batch, heads, seq_len, block, density, generator=generator,
                                per_head_density=per_head, device="cuda")
     q, k, v, do = (torch.randn(batch, heads, seq_len, 128, generator=generator).to("cuda", dtype) for _ in range(4))
+    if not gluon_forward_supported(q, block):
+        pytest.skip(f"{index.num_blocks} blocks of {block}: a program takes two 64-blocks, so their number must be even")
     return index, q, k, v, do
 
 
@@ -69,6 +73,7 @@ def _dense_gradients(q, k, v, do, index):
 
 gpu_cases = [pytest.mark.gpu, pytest.mark.skipif(not is_hopper, reason="needs a Hopper GPU"),
              pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16]),
+             pytest.mark.parametrize("block", [128, 64]),
              pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())]
 
 
@@ -80,8 +85,8 @@ def _gpu_cases(test):
 
 @_gpu_cases
 @pytest.mark.parametrize("stages", [2, 3])
-def test_gpu_gluon_forward_matches_fp64(case, stages, dtype):
-    index, q, k, v, _ = _problem(case, dtype)
+def test_gpu_gluon_forward_matches_fp64(case, block, stages, dtype):
+    index, q, k, v, _ = _problem(case, block, dtype)
     o, lse = _forward(q, k, v, index, stages)
     exact = dense_masked_attention(q.double(), k.double(), v.double(), index, SCALE)
     _assert_close_to_fp64(["out"], [o], [exact], [dense_masked_attention(q, k, v, index, SCALE)])
@@ -90,9 +95,9 @@ def test_gpu_gluon_forward_matches_fp64(case, stages, dtype):
 
 
 @_gpu_cases
-@pytest.mark.parametrize("stages", [2, 4])
-def test_gpu_gluon_backward_matches_fp64(case, stages, dtype):
-    index, q, k, v, do = _problem(case, dtype)
+@pytest.mark.parametrize("stages", [None, 2])
+def test_gpu_gluon_backward_matches_fp64(case, block, stages, dtype):
+    index, q, k, v, do = _problem(case, block, dtype)
     ours = _gradients(q, k, v, do, index, stages)
     exact = _dense_gradients(*(t.double() for t in (q, k, v, do)), index)
     _assert_close_to_fp64(["dq", "dk", "dv"], ours, exact, _dense_gradients(q, k, v, do, index))
@@ -100,13 +105,14 @@ def test_gpu_gluon_backward_matches_fp64(case, stages, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not is_hopper, reason="needs a Hopper GPU")
-def test_gpu_gluon_dkdv_writes_zeros_for_kv_blocks_no_query_selected():
-    index = random_block_index(1, 2, 1000, 128, 1.0, device="cuda")
-    index = BlockIndex(counts=torch.ones_like(index.counts), indices=torch.zeros_like(index.indices), block_size=128,
+@pytest.mark.parametrize("block", [128, 64])
+def test_gpu_gluon_dkdv_writes_zeros_for_kv_blocks_no_query_selected(block):
+    index = random_block_index(1, 2, 1000, block, 1.0, device="cuda")
+    index = BlockIndex(counts=torch.ones_like(index.counts), indices=torch.zeros_like(index.indices), block_size=block,
                        seq_len=1000)  # every query block lists KV block 0 alone
     q, k, v, do = (torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    _, dk, dv = _gradients(q, k, v, do, index, 4)
-    assert (dk[..., 128:, :] == 0).all() and (dv[..., 128:, :] == 0).all()
+    _, dk, dv = _gradients(q, k, v, do, index)
+    assert (dk[..., block:, :] == 0).all() and (dv[..., block:, :] == 0).all()
     exact = _dense_gradients(*(t.double() for t in (q, k, v, do)), index)
     _assert_close_to_fp64(["dk", "dv"], [dk, dv], exact[1:], _dense_gradients(q, k, v, do, index)[1:])
 
@@ -138,6 +144,19 @@ def test_dispatch_uses_triton_off_hopper():
     assert kernels.kernel_impl(torch.zeros(1, 1, 64, 128), 128) == "triton"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not is_hopper, reason="needs a Hopper GPU")
+def test_gpu_dispatch_takes_gluon_where_it_applies():
+    from dsv.ops.sparse_attention import kernels
+
+    def impl(seq_len, head_dim, block, dtype=torch.bfloat16):
+        return kernels.kernel_impl(torch.zeros(1, 1, seq_len, head_dim, device="cuda", dtype=dtype), block)
+
+    assert impl(1000, 128, 128) == impl(1024, 128, 64) == "gluon"
+    assert impl(1025, 128, 64) == "triton"  # 17 blocks of 64: programs take them in pairs
+    assert impl(1024, 64, 128) == impl(1024, 128, 128, torch.float32) == "triton"
+
+
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # Compiles one kernel for sm90 and prints its shared memory and ptxas's report. It runs in a
 # fresh interpreter: Triton's CPU interpreter, which the CPU tests switch on, cannot compile Gluon.
@@ -148,14 +167,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from dsv.ops.sparse_attention import gluon_backward, gluon_forward
 
-kernel, stages, even, ptxas = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "True", sys.argv[4]
+kernel, block, stages, even, ptxas = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "True", sys.argv[5]
 def descriptor(rows):
     return f"tensordesc<bf16[{rows},128],{gl.NVMMASharedLayout.get_default_for([rows, 128], gl.bfloat16)!r}>"
 half, tile = gluon_forward.ROWS.value, gluon_backward.TILE
 scalars = {"qk_scale": "fp32", "S": "i32"}
 if kernel == "forward":
     fn, signature = gluon_forward._forward_kernel, {
-        "q_desc": descriptor(half), "k_desc": descriptor(128), "v_desc": descriptor(128), "O": "*bf16", "LSE": "*fp32",
+        "q_desc": descriptor(half), "k_desc": descriptor(block), "v_desc": descriptor(block), "O": "*bf16", "LSE": "*fp32",
         "kv_counts": "*i32", "kv_indices": "*i32", **scalars, "NQ": "i32", "MAXSEL": "i32"}
 elif kernel == "dkdv":
     fn, signature = gluon_backward._dkdv_kernel, {
@@ -167,7 +186,7 @@ else:
         "q_desc": descriptor(half), "do_desc": descriptor(half), "k_desc": descriptor(tile), "v_desc": descriptor(tile),
         "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*bf16", "kv_counts": "*i32", "kv_indices": "*i32", "scale": "fp32",
         **scalars, "NQ": "i32", "MAXSEL": "i32"}
-constants = {"HEAD_DIM": 128, "BLOCK": 128, "STAGES": stages, "CONSUMER_REGS": 240, "LOADER_REGS": 24}
+constants = {"HEAD_DIM": 128, "BLOCK": block, "STAGES": stages, "CONSUMER_REGS": 240, "LOADER_REGS": 24}
 constants.update({"TILE": tile} if kernel != "forward" else {})
 constants.update({"EVEN_S": even} if kernel != "dkdv" else {})
 source = GluonASTSource(fn, {**signature, **{name: "constexpr" for name in constants}}, constexprs=constants)
@@ -183,12 +202,14 @@ print(report.stdout + report.stderr)
 
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="triton ships no ptxas here")
-@pytest.mark.parametrize("kernel, stages, even", [("forward", 3, True), ("forward", 2, False), ("dkdv", 4, True),
-                                                  ("dkdv", 2, False), ("dq", 4, False), ("dq", 2, True)])
-def test_sm90_build_has_no_serialised_wgmma_or_spills(kernel, stages, even):
+@pytest.mark.parametrize("kernel, block, stages, even", [
+    ("forward", 128, 3, True), ("forward", 128, 2, False), ("forward", 64, 3, False),
+    ("dkdv", 128, 4, True), ("dkdv", 64, 2, True), ("dq", 128, 4, False), ("dq", 64, 2, False), ("dq", 64, 2, True),
+])
+def test_sm90_build_has_no_serialised_wgmma_or_spills(kernel, block, stages, even):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    built = subprocess.run([sys.executable, "-c", BUILD_FOR_SM90, kernel, str(stages), str(even), PTXAS], env=env,
-                           capture_output=True, text=True)
+    built = subprocess.run([sys.executable, "-c", BUILD_FOR_SM90, kernel, str(block), str(stages), str(even), PTXAS],
+                           env=env, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
     report = built.stdout
     shared = int(report.split("shared ", 1)[1].split()[0])

@@ -29,18 +29,17 @@ from dsv.ops.block_index import BlockIndex
 
 LOG2E = 1.4426950408889634
 GLUON_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-BLOCK = 128
-ROWS = gl.constexpr(BLOCK // 2)  # query rows per consumer warpgroup (a wgmma's M)
+ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (a wgmma's M)
 STAGES = 3  # K/V ring slots; 2 and 3 measured within noise of each other (H100, S = 32k, 64k)
 
 
 def gluon_forward_supported(q: Tensor, block_size: int) -> bool:
-    """Hopper (sm90), 16-bit inputs, head dim 128, blocks of 128 tokens. Measured against the
-    Triton kernel: 1.3-1.4x faster there; as fast at head dim 64; slower at block 64, where one
-    consumer warpgroup takes the whole block (benchmarks/results/attention_h100_2026-11-22.md)."""
+    """Hopper (sm90), 16-bit inputs, head dim 128, blocks of 128 tokens, or of 64 with an even
+    number of them (a program takes two). At head dim 64 the Triton kernels are as fast."""
+    blocks = -(-q.shape[-2] // block_size)
     return (
         q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype in GLUON_DTYPES
-        and q.shape[-1] == 128 and block_size == BLOCK
+        and q.shape[-1] == 128 and (block_size == 128 or (block_size == 64 and blocks % 2 == 0))
     )
 
 
@@ -59,9 +58,10 @@ def _softmax(s, m_i, l_i, first_key, qk_scale, S, BLOCK: gl.constexpr, EVEN_S: g
 
 @gluon.jit
 def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O, LSE, kv_list, n, nonempty,
-              head_row, q_block, qk_scale, S, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
-              EVEN_S: gl.constexpr, PART: gl.constexpr):
-    """One warpgroup: query rows [PART * ROWS, (PART + 1) * ROWS) of the block."""
+              head_row, pair, qk_scale, S, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
+              EVEN_S: gl.constexpr, PART: gl.constexpr, RING: gl.constexpr):
+    """One warpgroup: query rows [(2 pair + PART) ROWS, (2 pair + PART + 1) ROWS), walking
+    `kv_list` through ring slots [RING, RING + STAGES)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
@@ -75,37 +75,37 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O
 
     # -- S_0 and P_0
     mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    mbarrier.wait(k_ready.index(RING), 0)
+    s = warpgroup_mma(q, k_ring.index(RING).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
-    mbarrier.arrive(k_free.index(0))
+    mbarrier.arrive(k_free.index(RING))
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, gl.load(kv_list) * BLOCK, qk_scale, S, BLOCK, EVEN_S)
 
     for j in range(0, n - 1):
         slot = (j + 1) % STAGES
-        mbarrier.wait(k_ready.index(slot), ((j + 1) // STAGES) & 1)
-        s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
+        mbarrier.wait(k_ready.index(RING + slot), ((j + 1) // STAGES) & 1)
+        s = warpgroup_mma(q, k_ring.index(RING + slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(RING + j % STAGES), (j // STAGES) & 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = warpgroup_mma(p_op, v_ring.index(j % STAGES), acc, is_async=True)
+        acc = warpgroup_mma(p_op, v_ring.index(RING + j % STAGES), acc, is_async=True)
         # -- S_{j+1} retired (P_j V_j may still run): release its K slot, softmax of block j+1
         s = warpgroup_mma_wait(1, deps=(s,))
-        mbarrier.arrive(k_free.index(slot))
+        mbarrier.arrive(k_free.index(RING + slot))
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, gl.load(kv_list + j + 1) * BLOCK, qk_scale, S, BLOCK, EVEN_S)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(v_free.index(j % STAGES))
+        mbarrier.arrive(v_free.index(RING + j % STAGES))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_layout)), 1)
 
     last = n - 1
-    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+    mbarrier.wait(v_ready.index(RING + last % STAGES), (last // STAGES) & 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
-    acc = warpgroup_mma(p_op, v_ring.index(last % STAGES), acc, is_async=True)
+    acc = warpgroup_mma(p_op, v_ring.index(RING + last % STAGES), acc, is_async=True)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
 
     # -- normalise; store the rows inside the sequence and their base-2 log-sum-exp
     acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, acc_layout)), 1)
     acc = gl.where(nonempty, acc, float("nan"))
-    first_row = q_block * BLOCK + PART * ROWS
+    first_row = (2 * pair + PART) * ROWS
     rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     offsets = gl.expand_dims((head_row + rows).to(gl.int64) * HEAD_DIM, 1) + gl.expand_dims(cols, 0)
@@ -115,24 +115,39 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, kv_list, n,
-            head_row, q_block, BLOCK: gl.constexpr, STAGES: gl.constexpr):
-    """Producer warp: Q's two halves once, then each listed block's K and V into the ring,
-    waiting for both consumers to free a slot before refilling it."""
+def _fill_kv(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, slot, j, row, pred,
+             STAGES: gl.constexpr):
+    """Waits until ring slot `slot` is free, then TMA-copies block j's K and V rows into it."""
+    free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes a wait on phase 1
+    mbarrier.wait(k_free.index(slot), free_phase, pred=pred)
+    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_ring.index(slot), pred=pred)
+    mbarrier.wait(v_free.index(slot), free_phase, pred=pred)
+    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_ring.index(slot), pred=pred)
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, list0, n0, list1,
+            n1, head_row, pair, BLOCK: gl.constexpr, STAGES: gl.constexpr, PAIRED: gl.constexpr):
+    """Producer warp: the two consumers' query rows once, then the listed blocks' K and V: one
+    list into one ring that both consumers read, or (PAIRED) each consumer's list into its own."""
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     for part in gl.static_range(2):
-        tma.async_copy_global_to_shared(q_desc, [head_row + q_block * BLOCK + part * ROWS, 0], q_bar,
-                                        q_smem.index(part))
-    for j in range(n):
-        slot = j % STAGES
-        free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes a wait on phase 1
-        row = head_row + gl.load(kv_list + j) * BLOCK
-        mbarrier.wait(k_free.index(slot), free_phase)
-        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_ring.index(slot))
-        mbarrier.wait(v_free.index(slot), free_phase)
-        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_ring.index(slot))
+        tma.async_copy_global_to_shared(q_desc, [head_row + (2 * pair + part) * ROWS, 0], q_bar, q_smem.index(part))
+    if PAIRED:
+        for j in range(gl.maximum(n0, n1)):
+            slot = j % STAGES
+            row0 = head_row + gl.load(list0 + j, mask=j < n0, other=0) * BLOCK
+            _fill_kv(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, slot, j, row0, j < n0,
+                     STAGES)
+            row1 = head_row + gl.load(list1 + j, mask=j < n1, other=0) * BLOCK
+            _fill_kv(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, STAGES + slot, j, row1, j < n1,
+                     STAGES)
+    else:
+        for j in range(n0):
+            row = head_row + gl.load(list0 + j) * BLOCK
+            _fill_kv(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, j % STAGES, j, row, True, STAGES)
 
 
 @gluon.jit
@@ -141,38 +156,48 @@ def _forward_kernel(
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, EVEN_S: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
 ):
+    """A program takes 2 * ROWS query rows: one 128-block, or (PAIRED) two 64-blocks."""
+    PAIRED: gl.constexpr = BLOCK == ROWS
+    RINGS: gl.constexpr = 2 if PAIRED else 1
     dtype: gl.constexpr = q_desc.dtype
-    q_block = gl.program_id(0)
+    pair = gl.program_id(0)
     bh = gl.program_id(1)
-    row = bh * NQ + q_block
-    count = gl.load(kv_counts + row)
-    n = gl.maximum(count, 1)  # an empty list (outside the contract) gives NaN rows, as the Triton kernel does
-    kv_list = kv_indices + row.to(gl.int64) * MAXSEL
     head_row = bh * S  # this head's first row in the (B*H*S, D) view
+    first_block = bh * NQ + (2 * pair if PAIRED else pair)
+    count0 = gl.load(kv_counts + first_block)
+    list0 = kv_indices + first_block.to(gl.int64) * MAXSEL
+    if PAIRED:
+        count1 = gl.load(kv_counts + first_block + 1)
+        list1 = list0 + MAXSEL
+    else:
+        count1 = count0
+        list1 = list0
+    # an empty list (outside the contract) gives NaN rows, as the Triton kernel does
+    n0 = gl.maximum(count0, 1)
+    n1 = gl.maximum(count1, 1)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], v_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [RINGS * STAGES, BLOCK, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [RINGS * STAGES, BLOCK, HEAD_DIM], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
+    k_free = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
+    v_free = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(RINGS * STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_free.index(i), count=2)  # both consumers release a slot
-        mbarrier.init(v_free.index(i), count=2)
+        mbarrier.init(k_free.index(i), count=3 - RINGS)  # every consumer of the ring releases a slot
+        mbarrier.init(v_free.index(i), count=3 - RINGS)
 
-    nonempty = count > 0
     gl.warp_specialize([
-        (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O, LSE, kv_list, n, nonempty,
-                     head_row, q_block, qk_scale, S, HEAD_DIM, BLOCK, STAGES, EVEN_S, 0)),
-        (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O, LSE, kv_list, n, nonempty,
-                     head_row, q_block, qk_scale, S, HEAD_DIM, BLOCK, STAGES, EVEN_S, 1)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, kv_list, n,
-                   head_row, q_block, BLOCK, STAGES)),
+        (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O, LSE, list0, n0, count0 > 0,
+                     head_row, pair, qk_scale, S, HEAD_DIM, BLOCK, STAGES, EVEN_S, 0, 0)),
+        (_consumer, (q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O, LSE, list1, n1, count1 > 0,
+                     head_row, pair, qk_scale, S, HEAD_DIM, BLOCK, STAGES, EVEN_S, 1, (RINGS - 1) * STAGES)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, list0, n0,
+                   list1, n1, head_row, pair, BLOCK, STAGES, PAIRED)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -189,9 +214,10 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, inde
     `kernels.launch_forward` does, for what `gluon_forward_supported` accepts; q, k, v
     contiguous and 16-byte aligned; every list has at least one block."""
     b, h, s, d = q.shape
+    block = index.block_size
     nq, maxsel = index.indices.shape[-2:]
-    _forward_kernel[(nq, b * h)](
-        _descriptor(q, ROWS.value), _descriptor(k, BLOCK), _descriptor(v, BLOCK), o, lse, index.counts, index.indices,
-        scale * LOG2E, s, nq, maxsel, HEAD_DIM=d, BLOCK=BLOCK, STAGES=stages, EVEN_S=s % BLOCK == 0,
+    _forward_kernel[(nq * block // 128, b * h)](
+        _descriptor(q, ROWS.value), _descriptor(k, block), _descriptor(v, block), o, lse, index.counts, index.indices,
+        scale * LOG2E, s, nq, maxsel, HEAD_DIM=d, BLOCK=block, STAGES=stages, EVEN_S=s % block == 0,
         CONSUMER_REGS=240, LOADER_REGS=24, num_warps=4,
     )
