@@ -1,17 +1,21 @@
-"""Block-sparse attention backward in Gluon for Hopper: the dK/dV kernel.
+"""Block-sparse attention backward in Gluon for Hopper: the dK/dV and dQ kernels.
 
-Same contract as `kernels.launch_dkdv`: one program per (KV block, batch*head) walks the
-transposed list of query blocks that selected its KV block and writes dK and dV once
-(deterministic, no atomics). Structure as in gluon_forward.py:
-- one producer warp loads the program's K and V once, then streams (Q, dO) tiles of
-  TILE query rows through a ring of STAGES shared-memory slots;
-- two consumer warpgroups, 64 key rows each, hold their dK and dV accumulators in
-  registers. Per tile: S^T = K Q^T and dP^T = V dO^T issued together; P^T = exp2(S^T - lse);
-  dV += P^T dO issued, dS^T = P^T (dP^T - delta) computed while it runs; dK += dS^T Q.
-  Every wgmma retires inside its iteration (see gluon_forward.py on ptxas's C7514).
+Same contracts as `kernels.launch_dkdv` and `kernels.launch_dq`: dK/dV walk the transposed
+lists (the query blocks that selected a KV block), dQ the forward lists; every output row is
+written once (deterministic, no atomics). Structure as in gluon_forward.py: one producer
+warp, two consumer warpgroups of 64 rows, a program over one 128-block or two 64-blocks.
+- dK/dV: the producer loads the program's K and V once, then streams (Q, dO) tiles of TILE
+  query rows with their lse and delta. Per tile: S^T = K Q^T and dP^T = V dO^T;
+  P^T = exp2(S^T - lse); dV += P^T dO issued, dS^T = P^T (dP^T - delta) computed while it
+  runs, dK += dS^T Q; then the next tile's S^T queued behind them, its dP^T once they retire
+  (with both, ptxas runs out of registers and serialises the wgmmas: C7512).
+- dQ: Q and dO loaded once, (K, V) tiles of TILE key rows streamed. Per tile: dQ += dS K,
+  then the next tile's S = Q K^T and dP = dO V^T queued behind it.
+Every wgmma retires inside its iteration (see gluon_forward.py on ptxas's C7514).
 
 Rows past S: their lse is +inf (P = 0) and delta 0, so the (B*H*S, D) view's rows of the
-next head that a tile may cover contribute nothing; key rows past S are not stored.
+next head that a tile may cover contribute nothing; keys past S are masked in dQ and their
+rows are not stored in dK/dV.
 """
 from __future__ import annotations
 

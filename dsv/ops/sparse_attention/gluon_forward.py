@@ -1,16 +1,18 @@
 """Block-sparse attention forward in Gluon (Triton's explicit-layout dialect) for Hopper.
 
-Same contract as `kernels.launch_forward`: one program per (query block, batch*head) walks
-that query block's list of KV blocks and writes o and the base-2 log-sum-exp. What the
-Triton kernel leaves to its compiler is explicit here (FlashAttention-3's structure):
-- Warp specialisation: one producer warp streams K and V tiles with TMA through a ring
-  of STAGES shared-memory slots (a "ready" and a "free" mbarrier per slot); two consumer
-  warpgroups, 64 query rows each, do the matmuls and the softmax.
+Same contract as `kernels.launch_forward`: each query block walks its list of KV blocks and
+writes o and the base-2 log-sum-exp. What the Triton kernel leaves to its compiler is
+explicit here (FlashAttention-3's structure):
+- Warp specialisation: one producer warp streams K and V tiles with TMA through a ring of
+  STAGES shared-memory slots (a "ready" and a "free" mbarrier per slot); two consumer
+  warpgroups of 64 query rows do the matmuls and the softmax. A program takes one 128-block
+  (both consumers read one ring) or two 64-blocks ("paired": each consumer its own list and
+  ring, so block 64 needs an even number of blocks).
 - Intra-warpgroup overlap: each iteration issues S_{j+1} = Q K_{j+1}^T and P_j V_j as
   asynchronous wgmmas together, then runs block j+1's softmax while P_j V_j computes. Every
   wgmma retires inside its iteration: an in-flight register crossing the loop's back edge
   makes ptxas serialise all wgmmas (its C7514 advisory; a CPU test compiles for sm90 and
-  checks that it stays absent).
+  checks that no such advisory appears).
 
 Rows are addressed in a (B*H*S, D) view: a tile that runs past S reads the next head's
 rows (or zeros past the tensor), which the key mask (-inf scores) and the row mask of the
