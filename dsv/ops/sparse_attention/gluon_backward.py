@@ -25,12 +25,23 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from dsv.ops.block_index import BlockIndex, TransposedBlockIndex
-from dsv.ops.sparse_attention.gluon_forward import LOG2E, ROWS, _descriptor
+from dsv.ops.sparse_attention.gluon_forward import LOG2E, ROWS, _block_lists, _descriptor, _store_rows
 
 TILE = 64  # rows per streamed tile: query rows in dK/dV, key rows in dQ
 # ring slots per block size (a 64-block program keeps two rings in the same shared memory)
 DKDV_STAGES = {128: 4, 64: 2}
 DQ_STAGES = {128: 4, 64: 2}
+
+
+@gluon.jit
+def _ring_barriers(SLOTS: gl.constexpr, CONSUMERS: gl.constexpr):
+    """A "ready" (one TMA arrival) and a "free" (one arrival per consumer) mbarrier per ring slot."""
+    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(SLOTS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(free.index(i), count=CONSUMERS)
+    return ready, free
 
 
 @gluon.jit
@@ -83,12 +94,8 @@ def _dkdv_consumer(k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, kv_bar
         dp_t = warpgroup_mma(v, do_ring.index(RING + following).permute((1, 0)), zero_t, use_acc=False, is_async=True)
         s_t, dp_t = warpgroup_mma_wait(0, deps=(s_t, dp_t))
 
-    keys = (2 * pair + PART) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    offsets = gl.expand_dims((head_row + keys).to(gl.int64) * HEAD_DIM, 1) + gl.expand_dims(cols, 0)
-    inside = gl.expand_dims(keys < S, 1)
-    gl.store(DK + offsets, (dk * scale).to(dtype), mask=inside)
-    gl.store(DV + offsets, dv.to(dtype), mask=inside)
+    _store_rows(DK, dk * scale, (2 * pair + PART) * ROWS, head_row, S, HEAD_DIM)
+    _store_rows(DV, dv, (2 * pair + PART) * ROWS, head_row, S, HEAD_DIM)
 
 
 @gluon.jit
@@ -166,12 +173,8 @@ def _dkdv_kernel(
     lse_ring = gl.allocate_shared_memory(gl.float32, [RINGS * STAGES, TILE], row_smem)
     delta_ring = gl.allocate_shared_memory(gl.float32, [RINGS * STAGES, TILE], row_smem)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
-    free = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(RINGS * STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(free.index(i), count=3 - RINGS)  # every consumer of the ring releases a slot
+    ready, free = _ring_barriers(RINGS * STAGES, 3 - RINGS)  # a ring has one consumer, or both
 
     gl.warp_specialize([
         (_dkdv_consumer, (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, kv_bar, ready, free, DK, DV, n0,
@@ -229,10 +232,7 @@ def _dq_consumer(q_smem, do_smem, k_ring, v_ring, qdo_bar, ready, free, LSE, DEL
         mbarrier.arrive(free.index(RING + slot))
         s, dp = warpgroup_mma_wait(0, deps=(s, dp))
 
-    rows = (2 * pair + PART) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    offsets = gl.expand_dims((head_row + rows).to(gl.int64) * HEAD_DIM, 1) + gl.expand_dims(cols, 0)
-    gl.store(DQ + offsets, (dq * scale).to(dtype), mask=gl.expand_dims(rows < S, 1))
+    _store_rows(DQ, dq * scale, (2 * pair + PART) * ROWS, head_row, S, HEAD_DIM)
 
 
 @gluon.jit
@@ -279,16 +279,10 @@ def _dq_kernel(
     dtype: gl.constexpr = q_desc.dtype
     pair = gl.program_id(0)
     bh = gl.program_id(1)
-    first_block = bh * NQ + (2 * pair if PAIRED else pair)
+    count0, list0, count1, list1 = _block_lists(kv_counts, kv_indices, bh, pair, NQ, MAXSEL, PAIRED)
     # lists are never empty; a stray 0 must not hang the program
-    n0 = gl.maximum(gl.load(kv_counts + first_block), 1)
-    list0 = kv_indices + first_block.to(gl.int64) * MAXSEL
-    if PAIRED:
-        n1 = gl.maximum(gl.load(kv_counts + first_block + 1), 1)
-        list1 = list0 + MAXSEL
-    else:
-        n1 = n0
-        list1 = list0
+    n0 = gl.maximum(count0, 1)
+    n1 = gl.maximum(count1, 1)
     head_row = bh * S
 
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_desc.layout)
@@ -296,12 +290,8 @@ def _dq_kernel(
     k_ring = gl.allocate_shared_memory(dtype, [RINGS * STAGES, TILE, HEAD_DIM], k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [RINGS * STAGES, TILE, HEAD_DIM], v_desc.layout)
     qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
-    free = gl.allocate_shared_memory(gl.int64, [RINGS * STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(qdo_bar, count=1)
-    for i in gl.static_range(RINGS * STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(free.index(i), count=3 - RINGS)  # every consumer of the ring releases a slot
+    ready, free = _ring_barriers(RINGS * STAGES, 3 - RINGS)  # a ring has one consumer, or both
 
     gl.warp_specialize([
         (_dq_consumer, (q_smem, do_smem, k_ring, v_ring, qdo_bar, ready, free, LSE, DELTA, DQ, n0, head_row, pair,

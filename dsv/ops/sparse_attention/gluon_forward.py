@@ -59,6 +59,32 @@ def _softmax(s, m_i, l_i, first_key, qk_scale, S, BLOCK: gl.constexpr, EVEN_S: g
 
 
 @gluon.jit
+def _store_rows(ptr, tile, first_row, head_row, S, HEAD_DIM: gl.constexpr):
+    """Stores a (ROWS, HEAD_DIM) fp32 register tile, in ptr's dtype, as rows [first_row,
+    first_row + ROWS) of head `head_row` in the (B*H*S, D) view, those inside the sequence only."""
+    rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, tile.type.layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, tile.type.layout))
+    offsets = gl.expand_dims((head_row + rows).to(gl.int64) * HEAD_DIM, 1) + gl.expand_dims(cols, 0)
+    gl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=gl.expand_dims(rows < S, 1))
+
+
+@gluon.jit
+def _block_lists(kv_counts, kv_indices, bh, pair, NQ, MAXSEL, PAIRED: gl.constexpr):
+    """Counts and list pointers of the two consumers' query blocks: both the program's one
+    block, or (PAIRED) blocks 2 pair and 2 pair + 1."""
+    first_block = bh * NQ + (2 * pair if PAIRED else pair)
+    count0 = gl.load(kv_counts + first_block)
+    list0 = kv_indices + first_block.to(gl.int64) * MAXSEL
+    if PAIRED:
+        count1 = gl.load(kv_counts + first_block + 1)
+        list1 = list0 + MAXSEL
+    else:
+        count1 = count0
+        list1 = list0
+    return count0, list0, count1, list1
+
+
+@gluon.jit
 def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O, LSE, kv_list, n, nonempty,
               head_row, pair, qk_scale, S, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
               EVEN_S: gl.constexpr, PART: gl.constexpr, RING: gl.constexpr):
@@ -108,10 +134,7 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O
     acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, acc_layout)), 1)
     acc = gl.where(nonempty, acc, float("nan"))
     first_row = (2 * pair + PART) * ROWS
-    rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    offsets = gl.expand_dims((head_row + rows).to(gl.int64) * HEAD_DIM, 1) + gl.expand_dims(cols, 0)
-    gl.store(O + offsets, acc.to(dtype), mask=gl.expand_dims(rows < S, 1))
+    _store_rows(O, acc, first_row, head_row, S, HEAD_DIM)
     lse_rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     gl.store(LSE + head_row + lse_rows, gl.where(nonempty, m_i + gl.log2(l_i), float("-inf")), mask=lse_rows < S)
 
@@ -165,15 +188,7 @@ def _forward_kernel(
     pair = gl.program_id(0)
     bh = gl.program_id(1)
     head_row = bh * S  # this head's first row in the (B*H*S, D) view
-    first_block = bh * NQ + (2 * pair if PAIRED else pair)
-    count0 = gl.load(kv_counts + first_block)
-    list0 = kv_indices + first_block.to(gl.int64) * MAXSEL
-    if PAIRED:
-        count1 = gl.load(kv_counts + first_block + 1)
-        list1 = list0 + MAXSEL
-    else:
-        count1 = count0
-        list1 = list0
+    count0, list0, count1, list1 = _block_lists(kv_counts, kv_indices, bh, pair, NQ, MAXSEL, PAIRED)
     # an empty list (outside the contract) gives NaN rows, as the Triton kernel does
     n0 = gl.maximum(count0, 1)
     n1 = gl.maximum(count1, 1)
