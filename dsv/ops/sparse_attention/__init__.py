@@ -5,7 +5,7 @@ key/value blocks.
     out = sparse_attention_index(q, k, v, block_index)   # compact lists (the training path)
 
 Backends: "triton" (our kernels; on CPU tensors only under TRITON_INTERPRET=1; on Hopper at head
-dim 128 and block 128 the forward is the warp-specialised Gluon kernel of gluon_forward.py), "flex"
+dim 128, forward and backward run the warp-specialised Gluon kernels, see `kernels.kernel_impl`), "flex"
 (torch FlexAttention with the same mask, compiled on CUDA), "reference" (plain PyTorch that
 gathers the selected blocks; what CPU training uses) and "auto" (triton on CUDA, or flex
 for head dims whose rows are not a multiple of 16 bytes; reference on CPU).
