@@ -10,7 +10,7 @@ import torch
 import triton
 
 from dsv.ops.block_index import BlockIndex, random_block_index
-from dsv.ops.sparse_attention import dense_masked_attention
+from tests.ops.helpers import assert_close_to_fp64
 
 is_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 # (batch, heads, seq_len, density, per_head): tails, one-block lists, uneven heads, dense
@@ -23,11 +23,12 @@ CASES = {
 SCALE = 128**-0.5
 
 
-def _forward(q, k, v, index, stages=3):
+def _forward(q, k, v, index, stages=None):
+    """o and lse of the Gluon forward (its default ring depth unless `stages`)."""
     from dsv.ops.sparse_attention import gluon_forward
 
     o, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    gluon_forward.launch_forward(q, k, v, o, lse, index, SCALE, stages)
+    gluon_forward.launch_forward(q, k, v, o, lse, index, SCALE, stages or gluon_forward.STAGES)
     return o, lse
 
 
@@ -35,14 +36,21 @@ def _gradients(q, k, v, do, index, stages=None):
     """dq, dk, dv of the Gluon backward kernels, from the Triton forward's o and lse."""
     from dsv.ops.sparse_attention import gluon_backward, kernels
 
-    o, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    kernels.launch_forward(q, k, v, o, lse, index, SCALE)
+    o, lse = _triton_forward(q, k, v, index)
     delta = torch.empty_like(lse)
     kernels.launch_delta(o, do, delta)
     dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))  # every row must be written
     gluon_backward.launch_dkdv(q, k, v, do, lse, delta, dk, dv, index, index.transpose(), SCALE, stages=stages)
     gluon_backward.launch_dq(q, k, v, do, lse, delta, dq, index, SCALE, stages=stages)
     return dq, dk, dv
+
+
+def _triton_forward(q, k, v, index):
+    from dsv.ops.sparse_attention import kernels
+
+    o, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    kernels.launch_forward(q, k, v, o, lse, index, SCALE)
+    return o, lse
 
 
 def _problem(case, block, dtype):
@@ -58,49 +66,18 @@ def _problem(case, block, dtype):
     return index, q, k, v, do
 
 
-def _assert_close_to_fp64(names, ours, exact, same_precision):
-    """Flash-attention's rule: our error vs float64 <= 2x PyTorch's in the same precision + atol."""
-    for name, mine, ref, base in zip(names, ours, exact, same_precision):
-        error, torch_error = ((t.double() - ref).abs().max().item() for t in (mine, base))
-        assert error <= 2 * torch_error + 2e-3, f"{name}: {error:.3g} > 2 * {torch_error:.3g} + 2e-3"
-
-
-def _dense_gradients(q, k, v, do, index):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    dense_masked_attention(*leaves, index, SCALE).backward(do)
-    return [t.grad for t in leaves]
-
-
-gpu_cases = [pytest.mark.gpu, pytest.mark.skipif(not is_hopper, reason="needs a Hopper GPU"),
-             pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16]),
-             pytest.mark.parametrize("block", [128, 64]),
-             pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())]
-
-
-def _gpu_cases(test):
-    for mark in reversed(gpu_cases):
-        test = mark(test)
-    return test
-
-
-@_gpu_cases
-@pytest.mark.parametrize("stages", [2, 3])
-def test_gpu_gluon_forward_matches_fp64(case, block, stages, dtype):
-    index, q, k, v, _ = _problem(case, block, dtype)
+@pytest.mark.gpu
+@pytest.mark.skipif(not is_hopper, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("block", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stages", [None, 2])  # each kernel's default ring depth, and 2
+def test_gpu_gluon_kernels_match_fp64(case, block, stages, dtype):
+    index, q, k, v, do = _problem(case, block, dtype)
     o, lse = _forward(q, k, v, index, stages)
-    exact = dense_masked_attention(q.double(), k.double(), v.double(), index, SCALE)
-    _assert_close_to_fp64(["out"], [o], [exact], [dense_masked_attention(q, k, v, index, SCALE)])
+    assert_close_to_fp64([o, *_gradients(q, k, v, do, index, stages)], index, q, k, v, do, atol=2e-3)
     _, triton_lse = _triton_forward(q, k, v, index)
     torch.testing.assert_close(lse, triton_lse, atol=1e-4, rtol=1e-5)
-
-
-@_gpu_cases
-@pytest.mark.parametrize("stages", [None, 2])
-def test_gpu_gluon_backward_matches_fp64(case, block, stages, dtype):
-    index, q, k, v, do = _problem(case, block, dtype)
-    ours = _gradients(q, k, v, do, index, stages)
-    exact = _dense_gradients(*(t.double() for t in (q, k, v, do)), index)
-    _assert_close_to_fp64(["dq", "dk", "dv"], ours, exact, _dense_gradients(q, k, v, do, index))
 
 
 @pytest.mark.gpu
@@ -111,18 +88,9 @@ def test_gpu_gluon_dkdv_writes_zeros_for_kv_blocks_no_query_selected(block):
     index = BlockIndex(counts=torch.ones_like(index.counts), indices=torch.zeros_like(index.indices), block_size=block,
                        seq_len=1000)  # every query block lists KV block 0 alone
     q, k, v, do = (torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    _, dk, dv = _gradients(q, k, v, do, index)
+    dq, dk, dv = _gradients(q, k, v, do, index)
     assert (dk[..., block:, :] == 0).all() and (dv[..., block:, :] == 0).all()
-    exact = _dense_gradients(*(t.double() for t in (q, k, v, do)), index)
-    _assert_close_to_fp64(["dk", "dv"], [dk, dv], exact[1:], _dense_gradients(q, k, v, do, index)[1:])
-
-
-def _triton_forward(q, k, v, index):
-    from dsv.ops.sparse_attention import kernels
-
-    o, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    kernels.launch_forward(q, k, v, o, lse, index, SCALE)
-    return o, lse
+    assert_close_to_fp64([_forward(q, k, v, index)[0], dq, dk, dv], index, q, k, v, do, atol=2e-3)
 
 
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from dsv.ops.block_index import BlockIndex, random_block_index
 from dsv.ops.sparse_attention import dense_masked_attention, sparse_attention, sparse_attention_index
+from tests.ops.helpers import assert_close_to_fp64, run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW_PRECISION = torch.bfloat16 if torch.cuda.is_available() else torch.float16  # interpreter: no bf16
@@ -21,28 +22,9 @@ def _problem(seed, batch, heads, seq_len, head_dim, block, density, dtype, per_h
     return index, q, k, v, do
 
 
-def _run(fn, q, k, v, do):
-    """Output and (dq, dk, dv) of fn on leaf copies of q, k, v."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    out.backward(do.to(out.dtype))
-    return [out.detach()] + [t.grad for t in leaves]
-
-
 def _check_against_fp64(index, q, k, v, do, backend, atol):
-    ours = _run(lambda *t: sparse_attention_index(*t, index, backend=backend), q, k, v, do)
-    _assert_close_to_fp64(ours, index, q, k, v, do, atol)
-
-
-def _assert_close_to_fp64(ours, index, q, k, v, do, atol):
-    """Flash-attention's rule: our error vs float64 <= 2x PyTorch's error in the same precision + atol."""
-    scale = q.shape[-1] ** -0.5
-    exact = _run(lambda *t: dense_masked_attention(*t, index, scale), *(x.double() for x in (q, k, v, do)))
-    torch_same_precision = _run(lambda *t: dense_masked_attention(*t, index, scale), q, k, v, do)
-    for name, mine, ref, base in zip(("out", "dq", "dk", "dv"), ours, exact, torch_same_precision):
-        error = (mine.double() - ref).abs().max().item()
-        torch_error = (base.double() - ref).abs().max().item()
-        assert error <= 2 * torch_error + atol, f"{name}: {error:.3g} > 2 * {torch_error:.3g} + {atol}"
+    ours = run(lambda *t: sparse_attention_index(*t, index, backend=backend), q, k, v, do)
+    assert_close_to_fp64(ours, index, q, k, v, do, atol)
 
 
 # (batch, heads, seq_len, head_dim, block, density, per_head)
@@ -94,7 +76,7 @@ def test_walking_sub_tiles_of_a_block_matches_fp64():
     index, q, k, v, do = _problem(11, 1, 2, 200, 32, 64, 0.5, torch.float32, per_head=(0.3, 1.0))
     tiles = triton.Config({"TILE": 16}, num_warps=4, num_stages=1)
     ours = _with_configs(index, q, k, v, do, tiles, tiles, tiles)
-    _assert_close_to_fp64(ours, index, q, k, v, do, atol=1e-5)
+    assert_close_to_fp64(ours, index, q, k, v, do, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -106,11 +88,11 @@ def test_reference_backend_matches_fp64(dtype):
 def test_triton_matches_flex_with_the_same_block_mask():
     index, q, k, v, do = _problem(3, 1, 2, 192, 32, 64, 0.5, torch.float32, per_head=(0.34, 1.0))
     mask = index.to_block_mask()
-    ours = _run(lambda *t: sparse_attention(*t, mask, backend="triton"), q, k, v, do)
+    ours = run(lambda *t: sparse_attention(*t, mask, backend="triton"), q, k, v, do)
     if DEVICE == "cpu":  # eager FlexAttention: no backward, and it needs the token mask_mod
         flex = [flex_attention(q, k, v, block_mask=index.to_block_mask(token_mask_mod=True))]
     else:
-        flex = _run(lambda *t: flex_attention(*t, block_mask=mask), q, k, v, do)
+        flex = run(lambda *t: flex_attention(*t, block_mask=mask), q, k, v, do)
     for name, mine, theirs in zip(("out", "dq", "dk", "dv"), ours, flex):
         # two fp32 orders of summation (tf32 dots on a GPU)
         torch.testing.assert_close(mine, theirs, atol=1e-4 if DEVICE == "cpu" else 3e-3, rtol=1e-4, msg=name)
@@ -169,8 +151,8 @@ def test_gpu_bf16_matches_fp64(head_dim, block):
 @needs_cuda
 def test_gpu_backward_is_deterministic():
     index, q, k, v, do = _problem(8, 1, 4, 2048, 128, 128, 0.2, torch.bfloat16)
-    first = _run(lambda *t: sparse_attention_index(*t, index), q, k, v, do)
-    second = _run(lambda *t: sparse_attention_index(*t, index), q, k, v, do)
+    first = run(lambda *t: sparse_attention_index(*t, index), q, k, v, do)
+    second = run(lambda *t: sparse_attention_index(*t, index), q, k, v, do)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -192,7 +174,7 @@ def test_gpu_every_autotune_config_matches_fp64(case):
     index, q, k, v, do = _problem(12, 1, 3, 1000, 128, block, 0.3, torch.bfloat16, per_head=(0.05, 0.3, 1.0))
     configs = {n: (config if n == name else None) for n in ("forward", "dkdv", "dq")}
     ours = _with_configs(index, q, k, v, do, configs["forward"], configs["dkdv"], configs["dq"])
-    _assert_close_to_fp64(ours, index, q, k, v, do, atol=1e-3)
+    assert_close_to_fp64(ours, index, q, k, v, do, atol=1e-3)
 
 
 def test_autotune_pruning_keeps_the_measured_winners_per_block():
