@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsv.config_cli import add_config_arguments, config_from_args
+from torchkit.config_cli import add_config_arguments, config_from_args
 from dsv.models.dit import DiTConfig, VideoDiT, train_flops
 from dsv.ops.block_index import BlockIndex
 from dsv.parallel.hybrid import ContextParallelAttention, SelectionInput

@@ -18,12 +18,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchkit.cli import Failure
 from dsv.parallel.runtime import Runtime, barrier
 
 _NAME = re.compile(r"^step_(\d{9})(\.pt)?$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Failure):
     pass
 
 

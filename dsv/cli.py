@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from dsv.config_cli import add_config_arguments, config_from_args
+from torchkit.cli import run_commands
+from torchkit.config_cli import add_config_arguments, config_from_args
 
 
 def _train_parser(preset: str) -> argparse.ArgumentParser:
@@ -104,21 +105,7 @@ COMMANDS = {"train": train_main, "sample": sample_main, "report": report_main, "
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: dsv {{{','.join(COMMANDS)}}} [options]   (dsv <command> --help)", file=sys.stderr)
-        return 2
-    try:
-        return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, RuntimeError) as e:
-        from dsv.checkpoint import CheckpointError
-        from dsv.train import NonFiniteLossError
-
-        # our own messages name the problem and the fix: no traceback; anything else is a bug
-        if type(e) is ValueError or isinstance(e, (CheckpointError, NonFiniteLossError)):
-            print(f"dsv {argv[0]}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    return run_commands("dsv", COMMANDS, sys.argv[1:] if argv is None else argv, describe=__doc__)
 
 
 if __name__ == "__main__":

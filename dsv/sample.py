@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dsv.checkpoint import CheckpointError
-from dsv.config_cli import config_from_dict
+from torchkit.config_cli import config_from_dict
 from dsv.data import save_video_grid
 from dsv.flow import euler_sample
 from dsv.models.dit import DiTConfig, VideoDiT

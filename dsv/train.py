@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from dsv.config_cli import config_to_dict
+from torchkit.cli import Failure
+from torchkit.config_cli import config_to_dict
 from dsv.data import BatchStream, DataConfig, build_dataset, validation_batches
 from dsv.flow import flow_matching_loss, logit_normal_timesteps
 from dsv.metrics import MetricsLogger, peak_flops, plot_loss_curve
@@ -96,7 +97,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar on rank 0"})
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(Failure):
     pass
 
 

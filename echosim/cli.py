@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from dataclasses import asdict, fields, replace
 from math import prod
 from pathlib import Path
@@ -30,6 +31,7 @@ from echosim.report import format_summary, write_outputs
 from echosim.simulate import predict
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
+from torchkit.cli import Parser, run_commands
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -160,8 +162,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
              measure=args.measure)
 
 
+COMMANDS = ("trace", "simulate", "sweep", "calibrate", "validate")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echosim", description=__doc__,
+    parser = Parser(prog="echosim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("trace", cmd_trace, "record each role's step as trace JSON files"),
@@ -224,10 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+
+    def command(name: str):
+        def run(rest: list[str]) -> int:
+            args = parser.parse_args([name, *rest])
+            args.func(args)
+            return 0
+        return run
+
+    commands = {name: command(name) for name in COMMANDS}
+    return run_commands("echosim", commands, sys.argv[1:] if argv is None else argv, describe=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

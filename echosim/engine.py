@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from torchkit.cli import Failure
 from echosim.graph import Node, Trace, TraceError
 
 
-class SimulationError(RuntimeError):
+class SimulationError(Failure):
     """The traces cannot be replayed together (a rendezvous never completes or disagrees)."""
 
 

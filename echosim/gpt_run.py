@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dsv.parallel.collectives import all_gather_into, reduce_scatter_into
+from torchkit.collectives import all_gather_into, reduce_scatter_into
 from echosim.gpt3d import GPTJob
 from echosim.pipeline import schedule_order
 from echosim.trace.gpt import GPTLayer, ParallelEmbedding, ParallelHead, sharded_part

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from torchkit.collectives import all_gather_into, reduce_scatter_into
+
 
 def all_to_all(x: Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group: ProcessGroup) -> Tensor:
     """Rank i sends rows [sum(send_splits[:j]), +send_splits[j]) of x to rank j and receives
@@ -52,19 +54,6 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _all_to_all_rows(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
-
-
-def all_gather_into(output: Tensor, input: Tensor, **kwargs):
-    """torch.distributed's all-gather into one tensor under this torch's name (2.13 renamed it
-    all_gather_single and warns on the old one; 2.11, on the GPU image, has only
-    all_gather_into_tensor). Looked up per call, so that wrappers installed on torch.distributed
-    (echosim's plausible_collectives) see it."""
-    return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(output, input, **kwargs)
-
-
-def reduce_scatter_into(output: Tensor, input: Tensor, **kwargs):
-    """torch.distributed's reduce-scatter of one tensor, named as `all_gather_into` explains."""
-    return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(output, input, **kwargs)
 
 
 class _AllGather(torch.autograd.Function):

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsv.config_cli import add_config_arguments, config_from_args
+from torchkit.config_cli import add_config_arguments, config_from_args
 from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
 
 

@@ -232,7 +232,7 @@ def sweep(out_path: str, sizes: list[int], iters: int, warmup: int = 5) -> None:
     import torch
     import torch.distributed as dist
 
-    from dsv.parallel.collectives import all_gather_into, reduce_scatter_into
+    from torchkit.collectives import all_gather_into, reduce_scatter_into
 
     cuda = torch.cuda.is_available()
     if cuda:

@@ -88,7 +88,7 @@ def sweep(out_path: str, iters: int = 20, warmup: int = 5) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from dsv.parallel.collectives import all_gather_into, reduce_scatter_into
+    from torchkit.collectives import all_gather_into, reduce_scatter_into
     from echosim.hw.calibrate_kernels import time_us
 
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

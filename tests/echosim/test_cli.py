@@ -29,10 +29,13 @@ def test_simulate_from_trace_files_writes_summary_and_perfetto_trace(tmp_path, c
     assert "step time" in capsys.readouterr().out
 
 
-def test_simulate_reports_a_malformed_trace_clearly(tmp_path):
+def test_simulate_reports_a_malformed_trace_clearly(tmp_path, capsys):
     (tmp_path / "trace_rank0.json").write_text("{not json")
+    assert main(["simulate", "--traces", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("echosim simulate: error: ") and "trace_rank0.json: malformed JSON" in line
     with pytest.raises(ValueError, match="trace_rank0.json: malformed JSON"):
-        main(["simulate", "--traces", str(tmp_path), "--out", str(tmp_path / "out")])
+        main(["simulate", "--traces", str(tmp_path), "--out", str(tmp_path / "out"), "--traceback"])
 
 
 def synthetic(base, step, gbps, counts=(2, 4)):

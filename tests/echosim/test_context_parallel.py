@@ -88,7 +88,8 @@ def test_uneven_heads_split_the_ranks_into_roles_with_uneven_all_to_alls():
 
 def test_world_size_that_cp_does_not_divide_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--fsdp 6 ranks do not split .* 2 x 2 = 4; .* multiple of 4"):
-        main(["trace", "--preset", "tiny", "--fsdp", "6", "--cp-heads", "2", "--cp-seq", "2", "--out", str(tmp_path)])
+        main(["trace", "--preset", "tiny", "--fsdp", "6", "--cp-heads", "2", "--cp-seq", "2", "--out", str(tmp_path),
+              "--traceback"])
     with pytest.raises(ValueError, match="--cp-heads <= 4"):
         DiTWorkload(preset="tiny", cp_heads=8).mesh_shape(8)
 

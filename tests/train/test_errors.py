@@ -88,8 +88,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     code = main(["train", "--model.heads", "3", "--out-dir", str(tmp_path), "--no-progress"])
-    assert code == 1
-    assert "hidden=128 is not divisible by heads=3" in capsys.readouterr().err
+    assert code == 2  # bad input
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("dsv train: error: ") and "hidden=128 is not divisible by heads=3" in line
 
 
 def test_every_train_flag_has_help(capsys):

@@ -1,0 +1,5 @@
+import sys
+
+from dsv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from echosim.cli import main
+
+sys.exit(main())
