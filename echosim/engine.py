@@ -10,32 +10,24 @@ host issues a rank's nodes in trace order, each after the ones before it, never 
 
 At scale, identical ranks are replayed once (`as_classes`): one representative per trace, with
 its group peers implied. An overlap model slows compute exactly while collectives run beside it.
+The cost models are the cost layer's (echosim.costs).
 """
 from __future__ import annotations
 
 import gc
 import heapq
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torchkit.cli import Failure
+from echosim.costs import CollectiveCall, CollectiveModel, ComputeModel, OverlapModel
 from echosim.graph import Node, Trace, TraceError
 
 
 class SimulationError(Failure):
     """The traces cannot be replayed together (a rendezvous never completes or disagrees)."""
-
-
-@dataclass(kw_only=True)
-class CollectiveCall:
-    """One collective (or send/recv pair) as the communication model sees it."""
-
-    name: str  # collective name, or "send_recv"
-    members: list[int]  # global ranks in group order; send/recv: [src, dst]
-    bytes: float  # buffer size S, as in the trace format
-    split_bytes: list[list[float]] | None = None  # all_to_all: row i = bytes member i sends to each member
 
 
 @dataclass(kw_only=True, slots=True)
@@ -63,12 +55,6 @@ class Timeline:
     @property
     def step_us(self) -> float:
         return max((s.end_us for s in self.spans), default=0.0)
-
-
-ComputeModel = Callable[[Node], float]
-CollectiveModel = Callable[[CollectiveCall], tuple[float, str]]
-OverlapModel = Callable[[Node, float, list[CollectiveCall]], float]  # slowdown (>= 1) of a node of this
-# isolated duration (us) beside these calls
 
 
 @dataclass(kw_only=True)

@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from echosim.engine import CollectiveCall
+from echosim.costs import CollectiveCall
 from echosim.graph import Node
 from echosim.kernels import op_class
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from echosim.cli import main
-from echosim.engine import CollectiveCall
+from echosim.costs import CollectiveCall
 from echosim.gpt3d import GPTJob
 from echosim.graph import Node
 from echosim.hw import load_cluster
