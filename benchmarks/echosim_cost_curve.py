@@ -23,7 +23,7 @@ MICROBATCHES = 192
 def one(gpus: int, cluster_name: str) -> dict:
     from echosim.gpt3d import GPTJob, gpt_traces
     from echosim.hw import load_cluster
-    from echosim.simulate import predict
+    from echosim.simulator import build
 
     pp = min(16, gpus // 8)
     dp = gpus // (8 * pp)
@@ -31,7 +31,7 @@ def one(gpus: int, cluster_name: str) -> dict:
     start = time.perf_counter()
     traces = gpt_traces(job)
     traced = time.perf_counter()
-    timeline = predict(traces, load_cluster(cluster_name), as_classes=True)
+    timeline = build(load_cluster(cluster_name)).predict(traces, as_classes=True)
     done = time.perf_counter()
     return {"gpus": gpus, "tp": 8, "pp": pp, "dp": dp, "trace_s": traced - start, "replay_s": done - traced,
             "nodes": sum(len(t.nodes) for t in traces), "peak_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,

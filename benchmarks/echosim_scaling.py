@@ -12,7 +12,7 @@ import time
 
 from echosim.hw import load_cluster
 from echosim.report import summary
-from echosim.simulate import predict
+from echosim.simulator import build
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
 
@@ -32,7 +32,7 @@ def main() -> None:
         t0 = time.perf_counter()
         traces = trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(world), roles=workload.roles(world))
         t1 = time.perf_counter()
-        timeline = predict(traces, cluster)
+        timeline = build(cluster).predict(traces)
         t2 = time.perf_counter()
         data = summary(timeline)
         exposed = 100 * data["critical_rank"]["exposed_comm_us"] / data["step_us"]

@@ -24,7 +24,7 @@ from echosim.hw import HW_DIR, GpuProfile, load_cluster, load_gpu
 from echosim.hw.calibrate_kernels import database_from_nodes
 from echosim.hw.calibrate_nccl import HELD_OUT, compare, fit_cluster, format_comparison
 from echosim.hw.calibrate_overlap import fit_overlap
-from echosim.simulate import predict
+from echosim.simulator import build
 from echosim.trace.dit import DiTWorkload
 from echosim.validate import label
 
@@ -66,8 +66,8 @@ def compare_steps(rows: list[dict], cluster, overlap) -> list[dict]:
                         "problem": (r.get("error") or "no trace").strip().splitlines()[-1]})
             continue
         traces = load_traces(r["traces"])
-        plain = predict(traces, cluster).step_us / 1e3
-        slowed = predict(traces, cluster, overlap=overlap).step_us / 1e3 if overlap else plain
+        plain = build(cluster).predict(traces).step_us / 1e3
+        slowed = build(cluster, overlap=overlap).predict(traces).step_us / 1e3 if overlap else plain
         real = r["median_ms"]
         out.append({"config": label(DiTWorkload(**r["workload"])), "gpus": r["gpus"], "measured_ms": real,
                     "predicted_ms": plain, "error_pct": 100 * (plain - real) / real,
@@ -125,8 +125,9 @@ def compare_gpt(evidence: Path, cluster, overlap, prefix: str) -> list[dict]:
             out.append({"config": config, "gpus": 0, "problem": problem})
             continue
         traces = load_traces(path)
-        plain = predict(traces, cluster, as_classes=True).step_us / 1e3
-        slowed = predict(traces, cluster, as_classes=True, overlap=overlap).step_us / 1e3 if overlap else plain
+        plain = build(cluster).predict(traces, as_classes=True).step_us / 1e3
+        slowed = (build(cluster, overlap=overlap).predict(traces, as_classes=True).step_us / 1e3 if overlap
+                  else plain)
         real = r["median_ms"]
         out.append({"config": config, "gpus": GPTJob(**r["job"]).world_size, "measured_ms": real,
                     "predicted_ms": plain, "error_pct": 100 * (plain - real) / real,

@@ -28,7 +28,7 @@ from echosim.graph import load_trace
 from echosim.hw import HW_DIR, load_cluster, load_gpu
 from echosim.overlap import load_overlap
 from echosim.report import format_summary, write_outputs
-from echosim.simulate import predict
+from echosim.simulator import build
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
 from torchkit.cli import Parser, run_commands
@@ -95,8 +95,8 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     traces = _traces(args)
-    timeline = predict(traces, load_cluster(args.cluster), as_classes=not args.every_rank,
-                       overlap=load_overlap(args.overlap))
+    simulator = build(load_cluster(args.cluster), overlap=load_overlap(args.overlap))
+    timeline = simulator.predict(traces, as_classes=not args.every_rank)
     meta = {**traces[0].meta, "cluster": args.cluster}
     shown = timeline.ranks[:args.trace_ranks]
     print(format_summary(write_outputs(timeline, args.out, meta=meta, trace_ranks=shown)))

@@ -30,7 +30,7 @@ import bisect
 import math
 from collections import Counter
 
-from echosim.engine import CollectiveCall
+from echosim.costs import CollectiveCall
 from echosim.hw import Cluster, Protocol
 
 RING_FACTORS = {  # collective -> (steps, bytes moved per rank as a multiple of S), both as functions of n

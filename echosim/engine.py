@@ -10,32 +10,25 @@ host issues a rank's nodes in trace order, each after the ones before it, never 
 
 At scale, identical ranks are replayed once (`as_classes`): one representative per trace, with
 its group peers implied. An overlap model slows compute exactly while collectives run beside it.
+The cost models are the cost layer's (echosim.costs); echosim.simulator.build assembles them,
+and the host costs, for a cluster.
 """
 from __future__ import annotations
 
 import gc
 import heapq
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torchkit.cli import Failure
+from echosim.costs import CollectiveCall, CollectiveModel, ComputeModel, OverlapModel
 from echosim.graph import Node, Trace, TraceError
 
 
 class SimulationError(Failure):
     """The traces cannot be replayed together (a rendezvous never completes or disagrees)."""
-
-
-@dataclass(kw_only=True)
-class CollectiveCall:
-    """One collective (or send/recv pair) as the communication model sees it."""
-
-    name: str  # collective name, or "send_recv"
-    members: list[int]  # global ranks in group order; send/recv: [src, dst]
-    bytes: float  # buffer size S, as in the trace format
-    split_bytes: list[list[float]] | None = None  # all_to_all: row i = bytes member i sends to each member
 
 
 @dataclass(kw_only=True, slots=True)
@@ -63,12 +56,6 @@ class Timeline:
     @property
     def step_us(self) -> float:
         return max((s.end_us for s in self.spans), default=0.0)
-
-
-ComputeModel = Callable[[Node], float]
-CollectiveModel = Callable[[CollectiveCall], tuple[float, str]]
-OverlapModel = Callable[[Node, float, list[CollectiveCall]], float]  # slowdown (>= 1) of a node of this
-# isolated duration (us) beside these calls
 
 
 @dataclass(kw_only=True)
@@ -183,9 +170,9 @@ class _Job:
     seq: int  # the heap entry that is current; older ones are stale
 
 
-def simulate(traces: list[Trace], *, compute_us: ComputeModel, collective_us: CollectiveModel,
-             as_classes: bool = False, overlap: OverlapModel | None = None, comm_host_us: float = 0.0,
-             host_us_per_op: float = 0.0) -> Timeline:
+def replay(traces: list[Trace], *, compute_us: ComputeModel, collective_us: CollectiveModel,
+           as_classes: bool = False, overlap: OverlapModel | None = None, comm_host_us: float = 0.0,
+           host_us_per_op: float = 0.0) -> Timeline:
     """Replay all ranks' traces together and return the timeline.
 
     With `as_classes`, each trace is one class of identical ranks: only its first rank (the
@@ -199,11 +186,11 @@ def simulate(traces: list[Trace], *, compute_us: ComputeModel, collective_us: Co
     the host is modelled.
     """
     with paused_gc():
-        return _simulate(traces, compute_us, collective_us, as_classes, overlap, comm_host_us, host_us_per_op)
+        return _replay(traces, compute_us, collective_us, as_classes, overlap, comm_host_us, host_us_per_op)
 
 
-def _simulate(traces: list[Trace], compute_us: ComputeModel, collective_us: CollectiveModel, as_classes: bool,
-              overlap: OverlapModel | None, comm_host_us: float, host_us_per_op: float) -> Timeline:
+def _replay(traces: list[Trace], compute_us: ComputeModel, collective_us: CollectiveModel, as_classes: bool,
+            overlap: OverlapModel | None, comm_host_us: float, host_us_per_op: float) -> Timeline:
     by_rank = assign_roles(traces)
     plans = {id(t): _plan(t, compute_us, comm_host_us, host_us_per_op) for t in traces}
     if as_classes:

@@ -3,7 +3,7 @@
 Ranks are laid out as Megatron lays them out, tensor-parallel fastest, then data, then pipeline:
 rank = (stage * dp + d) * tp + t, so a tensor-parallel group sits inside a node. Every rank of a
 stage does the same work on its own shard, so one trace stands for all tp x dp ranks of a stage
-and `simulate(..., as_classes=True)` replays one representative per stage.
+and `predict(..., as_classes=True)` (echosim.simulator) replays one representative per stage.
 
 Per stage: layers / pp layers (+ the embedding on the first, the head on the last), the
 microbatches ordered by the pipeline schedule (echosim.pipeline), then data parallelism:

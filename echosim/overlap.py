@@ -2,7 +2,7 @@
 
 The engine asks the model for a factor >= 1 for a compute node, its isolated duration and the
 collectives running on its rank, and applies it exactly over the overlapped interval
-(echosim.engine.simulate).
+(echosim.engine.replay).
 
     ConstantSlowdown(factor)      every kernel, every collective (1.0: no slowdown, the default)
     FittedSlowdown                per op class and collective size (below or above LARGE_BYTES):
@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from echosim.engine import CollectiveCall
+from echosim.costs import CollectiveCall
 from echosim.graph import Node
 from echosim.kernels import op_class
 

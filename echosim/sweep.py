@@ -6,19 +6,18 @@ Every (tp, pp, dp) with tp x pp x dp = GPUs and tp within a node is a candidate,
 FSDP. A candidate that does not divide the model (heads, layers, batch, ...) is rejected with
 the reason; one whose busiest stage needs more memory than the GPU has is flagged out of
 memory and not simulated; the rest are traced, replayed (one rank per stage class) and
-ranked.
+ranked. Each is predicted by the same simulator as `echosim simulate --gpt` (echosim.simulator),
+so a row's step time is exactly what `simulate` gives for that job.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
 
-from echosim.comm import CommModel
-from echosim.engine import simulate
 from echosim.gpt3d import DATA_PARALLEL, GPTJob, gpt_traces
-from echosim.hw import Cluster, load_gpu
-from echosim.kernels import KernelModel
+from echosim.hw import Cluster
 from echosim.memory import stage_memory
+from echosim.simulator import build
 
 
 @dataclass(kw_only=True)
@@ -44,9 +43,8 @@ def candidates(base: GPTJob, gpus: int, max_tp: int) -> list[GPTJob]:
 def sweep(base: GPTJob, gpus: int, cluster: Cluster, *, max_tp: int | None = None,
           memory_GB: float | None = None) -> list[SweepRow]:
     """All candidates, best first: ranked feasible ones, then out-of-memory, then rejected."""
-    gpu = load_gpu(cluster.gpu)
-    capacity = gpu.memory_GB if memory_GB is None else memory_GB
-    compute, comm = KernelModel(gpu), CommModel(cluster)
+    simulator = build(cluster)
+    capacity = simulator.gpu.memory_GB if memory_GB is None else memory_GB
     rows = []
     for job in candidates(base, gpus, max_tp or cluster.gpus_per_node):
         problems = job.problems()
@@ -59,7 +57,7 @@ def sweep(base: GPTJob, gpus: int, cluster: Cluster, *, max_tp: int | None = Non
             rows.append(SweepRow(job=job, verdict="out of memory", memory_GB=need,
                                  reason=f"needs {need:.1f} GB of {capacity:.0f} GB"))
             continue
-        timeline = simulate(gpt_traces(job), compute_us=compute, collective_us=comm, as_classes=True)
+        timeline = simulator.predict(gpt_traces(job), as_classes=True)
         rows.append(SweepRow(job=job, verdict="ok", memory_GB=need, step_ms=timeline.step_us / 1e3,
                              simulate_s=time.perf_counter() - start))
     order = {"ok": 0, "out of memory": 1, "rejected": 2}

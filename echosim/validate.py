@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from echosim.graph import Trace
 from echosim.hw import Cluster
-from echosim.simulate import predict
+from echosim.simulator import build
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
 from echosim.trace.host import host_fields, profile_host
@@ -46,7 +46,7 @@ def workload_traces(workload: DiTWorkload, world_size: int, *, measure: bool) ->
 
 
 def predicted_ms(traces: list[Trace], cluster: Cluster) -> float:
-    return predict(traces, cluster).step_us / 1e3
+    return build(cluster).predict(traces).step_us / 1e3
 
 
 def measure_many(workloads: list[DiTWorkload], world_size: int, steps: int, *,

@@ -6,7 +6,7 @@
 
 Measured: echosim.gpt_run's real steps (NCCL, bf16), one torchrun launch per world size, median of
 `steps` after warm-up, the slowest rank per step. Predicted: gpt3d's traces replayed on the
-cluster (echosim.simulate.predict, one rank per stage). One table row per job; a job that failed
+cluster (echosim.simulator, one rank per stage). One table row per job; a job that failed
 (say, out of memory) keeps its row with the error.
 """
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from echosim.engine import OverlapModel
+from echosim.costs import OverlapModel
 from echosim.gpt3d import GPTJob, gpt_traces
 from echosim.gpt_run import default_device, measure_many, step_factory, step_problems
 from echosim.graph import Trace
 from echosim.hw import Cluster, load_cluster
 from echosim.overlap import load_overlap
-from echosim.simulate import predict
+from echosim.simulator import build
 from echosim.trace import trace_roles
 
 # gpt-1.3b and gpt-13b on 2 and 4 H200s: steps of 0.2-1 s predicted, under 70 GB a GPU (echosim.memory);
@@ -51,7 +51,7 @@ def predicted_gpt_ms(job: GPTJob, cluster: Cluster, *, overlap: OverlapModel | N
                      trace_device: str = "cpu", measure: bool = False) -> float:
     """echosim's step time for `job` (see gpt3d.gpt_traces for `trace_device` and `measure`)."""
     traces = gpt_traces(job, device=trace_device, measure=measure)
-    return predict(traces, cluster, as_classes=True, overlap=overlap).step_us / 1e3
+    return build(cluster, overlap=overlap).predict(traces, as_classes=True).step_us / 1e3
 
 
 def step_traces(job: GPTJob, *, device: str | None = None, in_situ_steps: int = 5) -> list[Trace]:

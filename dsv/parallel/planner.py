@@ -13,19 +13,20 @@ training step's attention time, per layer, with no overlap:
               all-gather of the key features; dense layers: all-gather K/V, reduce-scatter dK/dV
 
 Collective times come from echosim's NCCL-aware model (echosim/comm.py) on a cluster
-description (echosim/hw/*.json); throughputs are measured kernel rates (TFLOP/s on the blocks
-computed). Token-wise layers cost the same under every plan and are left out. Two plain
-schemes are estimated beside the hybrid ones: Ulysses with even heads and dense
-sequence-parallel; `format_table` prints every candidate so a person can see why one won.
+description (echosim/hw/*.json), taken from echosim's simulator (echosim.simulator.build), so
+the planner and `echosim simulate` price a collective alike; throughputs are measured kernel
+rates (TFLOP/s on the blocks computed). Token-wise layers cost the same under every plan and
+are left out. Two plain schemes are estimated beside the hybrid ones: Ulysses with even heads
+and dense sequence-parallel; `format_table` prints every candidate so a person can see why one won.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from echosim.comm import CommModel
-from echosim.engine import CollectiveCall
-from echosim.hw import Cluster, load_cluster, load_gpu
+from echosim.costs import CollectiveCall
+from echosim.hw import Cluster, load_cluster
+from echosim.simulator import build
 
 from dsv.parallel.head_parallel import assign_heads, check_heads_fit, even_assignment
 from dsv.parallel.seq_parallel import check_sequence_fits
@@ -96,17 +97,18 @@ class PlanReport:
 class CostModel:
     """Attention compute and context-parallel communication of one step on `cluster`."""
 
-    def __init__(self, cluster: Cluster, *, dense_tflops: float, sparse_tflops: float):
-        self.cluster, self.comm = cluster, CommModel(cluster)
-        self.dense_tflops, self.sparse_tflops = dense_tflops, sparse_tflops
+    def __init__(self, cluster: Cluster, *, dense_tflops: float = 0.0, sparse_tflops: float = 0.0):
+        """Throughputs left at 0 come from the cluster's GPU profile: bf16 peak x attention efficiency."""
+        simulator = build(cluster)  # the collective model and GPU profile echosim's simulator uses
+        gpu = simulator.gpu
+        seeded = gpu.peak_tflops["bfloat16"] * gpu.efficiency["attention"]
+        self.cluster, self.comm = cluster, simulator.collective_us
+        self.dense_tflops, self.sparse_tflops = dense_tflops or seeded, sparse_tflops or seeded
 
     @classmethod
     def from_cluster(cls, name: str, *, dense_tflops: float = 0.0, sparse_tflops: float = 0.0) -> "CostModel":
-        """Throughputs left at 0 come from the cluster's GPU profile: bf16 peak x attention efficiency."""
-        cluster = load_cluster(name)
-        gpu = load_gpu(cluster.gpu)
-        seeded = gpu.peak_tflops["bfloat16"] * gpu.efficiency["attention"]
-        return cls(cluster, dense_tflops=dense_tflops or seeded, sparse_tflops=sparse_tflops or seeded)
+        """The model of a shipped cluster ("dgx_h200") or a cluster JSON file."""
+        return cls(load_cluster(name), dense_tflops=dense_tflops, sparse_tflops=sparse_tflops)
 
     def estimate(self, plan: Plan, work: Workload) -> Estimate:
         heads_group, seq_group = group_members(plan)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from echosim.comm import RING_FACTORS, CommModel, interpolate
-from echosim.engine import CollectiveCall
+from echosim.costs import CollectiveCall
 from echosim.hw import Cluster
 
 FITTED = ("all_gather", "reduce_scatter", "all_reduce")  # the ring formulas the fit identifies

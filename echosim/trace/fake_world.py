@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from echosim.engine import simulate
+from echosim.engine import replay
 from echosim.graph import Trace, validate
 from echosim.trace.host import profile_host
 from echosim.trace.recorder import Recorder, unrecorded
@@ -163,7 +163,7 @@ def _alone(trace: Trace, *, kernels: float = 1.0, host: float | None = 1.0) -> T
 
 
 def _replay_us(trace: Trace) -> float:
-    return simulate([trace], compute_us=None, collective_us=None).step_us
+    return replay([trace], compute_us=None, collective_us=None).step_us
 
 
 KERNEL_SCALES = (0.5, 3.0)  # the range a full-speed step may scale profiled kernel times by

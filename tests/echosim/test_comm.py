@@ -2,7 +2,7 @@
 import pytest
 
 from echosim.comm import CommModel
-from echosim.engine import CollectiveCall
+from echosim.costs import CollectiveCall
 from echosim.hw import Cluster, Protocol, load_cluster
 
 SIMPLE = Protocol(base_us=10, nvlink_step_us=1, net_step_us=5, bw_fraction=1.0)

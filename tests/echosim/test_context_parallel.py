@@ -9,7 +9,7 @@ from dsv.models.dit import DIT_PRESETS, param_count
 from echosim.cli import main
 from echosim.hw import load_cluster
 from echosim.kernels import op_class
-from echosim.simulate import predict
+from echosim.simulator import build
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
 
@@ -65,7 +65,7 @@ def test_sequence_group_all_gathers_k_and_v_per_layer():
     assert [n.bytes for n in comms(only, "all_gather", "seq")] == [kv] * DEPTH + [out]
     assert [n.bytes for n in comms(only, "reduce_scatter", "seq")] == [out] + [kv] * DEPTH  # backward, reversed
     assert not comms(only, "all_to_all", "seq")
-    timeline = predict([only], load_cluster("dgx_h100"))
+    timeline = build(load_cluster("dgx_h100")).predict([only])
     assert len([sp for sp in timeline.spans if sp.name == "all_gather" and sp.stream == "comm"]) == 4 * (DEPTH + 1)
 
 
@@ -82,7 +82,7 @@ def test_uneven_heads_split_the_ranks_into_roles_with_uneven_all_to_alls():
     # forward and q, k, v gradients send this rank's own heads' tokens to every rank
     assert splits(first) == {(2, 1, 1): 4 * DEPTH, (2, 2, 2): 4 * DEPTH}
     assert splits(second) == {(2, 1, 1): 4 * DEPTH, (1, 1, 1): 4 * DEPTH}
-    timeline = predict([first, second], load_cluster("dgx_h100"))
+    timeline = build(load_cluster("dgx_h100")).predict([first, second])
     assert len([sp for sp in timeline.spans if sp.name == "all_to_all"]) == 6 * 8 * DEPTH
 
 

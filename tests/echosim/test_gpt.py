@@ -2,7 +2,7 @@
 import pytest
 
 from echosim.comm import CommModel
-from echosim.engine import simulate
+from echosim.engine import replay
 from echosim.gpt3d import GPTJob, gpt_traces
 from echosim.hw import load_cluster, load_gpu
 from echosim.kernels import KernelModel
@@ -71,8 +71,8 @@ def test_one_trace_per_stage_and_classes_replay_like_every_rank(models, data_par
     assert traces[0].groups == {"tp": [[0, 1], [2, 3], [4, 5], [6, 7]], "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
                                 "pp": [[0, 4], [1, 5], [2, 6], [3, 7]]}
     compute, comm = models
-    every = simulate(traces, compute_us=compute, collective_us=comm)
-    classes = simulate(traces, compute_us=compute, collective_us=comm, as_classes=True)
+    every = replay(traces, compute_us=compute, collective_us=comm)
+    classes = replay(traces, compute_us=compute, collective_us=comm, as_classes=True)
     assert classes.ranks == [0, 4]
     assert classes.step_us == pytest.approx(every.step_us, rel=1e-12)
     assert len(classes.spans) * 4 == len(every.spans)
@@ -127,7 +127,7 @@ def test_interleaving_pays_off_where_layers_outweigh_the_transfers(models):
     compute, comm = models
     plain = GPTJob(model="gpt-1.3b", tp=1, pp=4, dp=1, global_batch=8, micro_batch=1)
     chunked = GPTJob(**{**plain.__dict__, "virtual_stages": 3})
-    plain_us, chunked_us = (simulate(gpt_traces(job), compute_us=compute, collective_us=comm,
+    plain_us, chunked_us = (replay(gpt_traces(job), compute_us=compute, collective_us=comm,
                                      as_classes=True).step_us for job in (plain, chunked))
     # uniform stages would take (m + (p - 1) / v) / (m + p - 1) = 9/11 of the time; the embedding and the
     # head make the end stages heavier, so the gain is smaller, but real

@@ -1,7 +1,7 @@
 """The host's pace: blocked time from profiler events, and fitting a trace to its full-speed step."""
 import pytest
 
-from echosim.engine import simulate
+from echosim.engine import replay
 from echosim.graph import Node, Trace
 from echosim.trace.fake_world import _alone, fit_to_in_situ
 from echosim.trace.host import blocked_us, gpu_busy_us, profile_host
@@ -36,8 +36,8 @@ def three_ops():
                         for i in range(3)])
 
 
-def replay(trace):
-    return simulate([_alone(trace)], compute_us=None, collective_us=None).step_us
+def alone_us(trace):
+    return replay([_alone(trace)], compute_us=None, collective_us=None).step_us
 
 
 def test_fit_spreads_the_unrecorded_host_time_and_scales_kernels_for_the_rest():
@@ -47,7 +47,7 @@ def test_fit_spreads_the_unrecorded_host_time_and_scales_kernels_for_the_rest():
     fit_to_in_situ(trace, 110.0, host_us=90.0, gpu_busy_us=30.0)
     assert [n.host_us for n in trace.nodes] == pytest.approx([30, 30, 30])
     assert trace.meta["in_situ_scale"] == pytest.approx(2.0, rel=1e-6) and trace.meta["host_scale"] == 1.0
-    assert replay(trace) == pytest.approx(110.0)
+    assert alone_us(trace) == pytest.approx(110.0)
 
 
 def test_fit_scales_the_host_down_when_it_alone_outlasts_the_step():
@@ -57,11 +57,11 @@ def test_fit_scales_the_host_down_when_it_alone_outlasts_the_step():
     fit_to_in_situ(trace, 80.0, host_us=90.0, gpu_busy_us=24.0)
     assert trace.meta["in_situ_scale"] == pytest.approx(0.8)
     assert trace.meta["host_scale"] == pytest.approx(0.8, rel=1e-6)
-    assert replay(trace) == pytest.approx(80.0)
+    assert alone_us(trace) == pytest.approx(80.0)
 
 
 def test_fit_without_a_host_measure_scales_kernels_alone_and_drops_host_times():
     trace = three_ops()
     fit_to_in_situ(trace, 45.0)
     assert all(n.host_us is None for n in trace.nodes)
-    assert trace.meta["in_situ_scale"] == pytest.approx(1.5) and replay(trace) == pytest.approx(45.0)
+    assert trace.meta["in_situ_scale"] == pytest.approx(1.5) and alone_us(trace) == pytest.approx(45.0)

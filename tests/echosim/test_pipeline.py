@@ -1,7 +1,7 @@
 """Pipeline schedules on uniform synthetic stages, where the bubble has a closed form."""
 import pytest
 
-from echosim.engine import simulate
+from echosim.engine import replay
 from echosim.graph import Node, validate
 from echosim.pipeline import UniformStage, compose_pipeline, in_flight, interleaved_order, schedule_order
 from echosim.report import breakdowns
@@ -29,7 +29,7 @@ def test_bubble_fraction_is_p_minus_1_over_m_plus_p_minus_1(schedule, p, m):
     traces, comm = uniform_pipeline(schedule, p, m)
     for trace in traces:
         validate(trace)
-    timeline = simulate(traces, compute_us=None, collective_us=comm)
+    timeline = replay(traces, compute_us=None, collective_us=comm)
     assert timeline.step_us == pytest.approx((m + p - 1) * (FORWARD_US + BACKWARD_US))
     for b in breakdowns(timeline):
         assert b.compute_us == pytest.approx(m * (FORWARD_US + BACKWARD_US))
@@ -64,15 +64,15 @@ def test_1f1b_holds_fewer_activations_than_gpipe():
 def test_transfers_lengthen_the_step_by_one_hop_per_stage_boundary():
     p, m, hop = 4, 4, 2.0
     traces, comm = uniform_pipeline("gpipe", p, m, comm_us=hop)
-    step = simulate(traces, compute_us=None, collective_us=comm).step_us
+    step = replay(traces, compute_us=None, collective_us=comm).step_us
     # the critical path crosses p-1 boundaries going forward and p-1 coming back
     assert step == pytest.approx((m + p - 1) * (FORWARD_US + BACKWARD_US) + 2 * (p - 1) * hop)
 
 
 def test_replaying_classes_matches_replaying_every_rank():
     traces, comm = uniform_pipeline("1f1b", 4, 6, comm_us=1.5, classes_of=3)
-    every = simulate(traces, compute_us=None, collective_us=comm)
-    classes = simulate(traces, compute_us=None, collective_us=comm, as_classes=True)
+    every = replay(traces, compute_us=None, collective_us=comm)
+    classes = replay(traces, compute_us=None, collective_us=comm, as_classes=True)
     assert classes.ranks == [0, 3, 6, 9] and every.ranks == list(range(12))
     assert classes.step_us == every.step_us
     assert len(classes.spans) * 3 == len(every.spans)
@@ -93,7 +93,7 @@ def uniform_chunks(p, m, v):
 @pytest.mark.parametrize("p, m, v", [(2, 4, 2), (4, 8, 2), (4, 4, 3), (2, 6, 4)])
 def test_interleaving_shrinks_the_bubble_to_p_minus_1_over_vm_plus_p_minus_1(p, m, v):
     traces = uniform_chunks(p, m, v)
-    timeline = simulate(traces, compute_us=None, collective_us=lambda call: (0.0, "free"))
+    timeline = replay(traces, compute_us=None, collective_us=lambda call: (0.0, "free"))
     assert timeline.step_us == pytest.approx((m + (p - 1) / v) * (FORWARD_US + BACKWARD_US))
     bubble = 1 - m * (FORWARD_US + BACKWARD_US) / timeline.step_us
     assert bubble == pytest.approx((p - 1) / (v * m + p - 1))

@@ -8,7 +8,7 @@ from dsv.models.dit import DIT_PRESETS, matmul_params_per_token, param_count
 from echosim.hw import load_cluster
 from echosim.kernels import op_class
 from echosim.report import breakdowns
-from echosim.simulate import predict
+from echosim.simulator import build
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
 
@@ -80,7 +80,7 @@ def test_sparse_attention_costs_its_density(dense):
 
 
 def test_simulated_step_of_the_traced_dit(dense):
-    timeline = predict([dense], load_cluster("dgx_h100"))
+    timeline = build(load_cluster("dgx_h100")).predict([dense])
     parts = breakdowns(timeline)
     assert len({(b.compute_us, b.exposed_comm_us, b.waiting_us) for b in parts}) == 1  # identical ranks
     b = parts[0]
@@ -112,7 +112,7 @@ def test_user_step_records_groups_sizes_and_splits():
     assert (reduce.name, reduce.group, reduce.bytes, reduce.deps) == ("all_reduce", "tp", 16 * 32 * 4, [0])
     assert (a2a.name, a2a.group, a2a.bytes, a2a.split_bytes) == ("all_to_all", "dp", 6 * 128, [256, 512])
     assert traces[1].ranks == [4, 5, 6, 7] and traces[1].meta["traced_rank"] == 4
-    timeline = predict(traces, load_cluster("dgx_h100"))
+    timeline = build(load_cluster("dgx_h100")).predict(traces)
     assert len([s for s in timeline.spans if s.name == "all_to_all"]) == 8
 
 
@@ -181,11 +181,11 @@ def test_host_bound_step_is_fitted_as_host_pace_not_slower_kernels():
     meta = trace.meta
     assert meta["gpu_busy_us"] < 0.5 * meta["in_situ_step_us"]  # the GPU idles: host-bound
     assert meta["host_us"] > 0.7 * meta["in_situ_step_us"]  # and the host's measured pace says so
-    from echosim.engine import simulate
-    replay = simulate([trace], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
-    assert replay == pytest.approx(meta["in_situ_step_us"], rel=0.05)
-    no_host = simulate([_without_host(trace)], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
-    assert no_host < 0.5 * replay  # the kernels, even scaled, do not make the step
+    from echosim.engine import replay
+    step = replay([trace], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
+    assert step == pytest.approx(meta["in_situ_step_us"], rel=0.05)
+    no_host = replay([_without_host(trace)], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
+    assert no_host < 0.5 * step  # the kernels, even scaled, do not make the step
 
 
 def _without_host(trace):
@@ -194,7 +194,7 @@ def _without_host(trace):
 
 
 def test_in_situ_fit_makes_the_free_replay_last_the_full_speed_step():
-    from echosim.engine import simulate
+    from echosim.engine import replay
 
     def make_step(mesh):
         a = torch.randn(192, 192)
@@ -204,8 +204,8 @@ def test_in_situ_fit_makes_the_free_replay_last_the_full_speed_step():
                           in_situ_steps=3)
     meta = trace.meta
     assert meta["in_situ_scale"] == pytest.approx(meta["in_situ_step_us"] / meta["replay_step_us"])
-    replay = simulate([trace], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
-    assert replay == pytest.approx(meta["in_situ_step_us"])
+    step = replay([trace], compute_us=None, collective_us=lambda call: (0.0, "free")).step_us
+    assert step == pytest.approx(meta["in_situ_step_us"])
 
 
 @pytest.mark.parametrize("mode", ["functions", "dispatcher"])

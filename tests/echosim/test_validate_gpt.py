@@ -2,7 +2,7 @@
 import pytest
 
 import echosim.validate_gpt as validate
-from echosim.simulate import predict
+from echosim.simulator import build
 from echosim.gpt3d import GPTJob
 from echosim.hw import load_cluster
 
@@ -46,7 +46,7 @@ def test_gpt_runs_own_step_traces_per_stage_and_replays():
     for t in traces:  # 1F1B, 2 microbatches on 2 stages: two activations one way, two gradients back
         assert sorted(n.name for n in t.nodes if n.kind in ("COMM_SEND", "COMM_RECV")) == ["recv"] * 2 + ["send"] * 2
         assert t.meta["in_situ_scale"] > 0
-    assert predict(traces, load_cluster("dgx_h200"), as_classes=True).step_us > 0
+    assert build(load_cluster("dgx_h200")).predict(traces, as_classes=True).step_us > 0
 
 
 def test_gpt_runs_own_step_labels_its_groups_over_the_whole_stage():
@@ -59,7 +59,7 @@ def test_gpt_runs_own_step_labels_its_groups_over_the_whole_stage():
     assert trace.ranks == [0, 1, 2, 3]
     assert trace.groups == {"tp": [[0, 1], [2, 3]], "dp": [[0, 2], [1, 3]]}
     assert {n.name for n in trace.nodes if n.group == "dp"} >= {"all_gather", "reduce_scatter"}
-    assert predict([trace], load_cluster("dgx_h200"), as_classes=True).step_us > 0
+    assert build(load_cluster("dgx_h200")).predict([trace], as_classes=True).step_us > 0
 
 
 def test_gpt_runs_own_step_refuses_what_it_cannot_run():
