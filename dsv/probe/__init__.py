@@ -23,7 +23,7 @@ from torchkit.cli import Parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="dsv probe", description=__doc__.splitlines()[0].split(": ", 1)[1],
+    parser = Parser(prog="dsv probe", description="How sparse a checkpoint's attention is, per layer and head.",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("target", type=Path, help="a run directory (runs/<name>) or a single-file checkpoint (.pt)")
     parser.add_argument("--ckpt", type=int, default=None, help="step of the run's checkpoint (default: its latest)")
@@ -56,6 +56,7 @@ def main(argv: list[str]) -> int:
     loaded = load_checkpoint_for_probe(path, device, ema=args.ema)
     videos, labels = probe_batch(loaded.config, args.batch)
     result = probe(loaded, videos, labels, ts=tuple(args.t), axes=axes, seed=args.seed, device=device)
+    result.meta["command"] = " ".join(["dsv", "probe", *argv])
     run_dir = path.parent.parent if path.parent.name == "ckpt" else path.parent
     out = args.out or run_dir / "probe" / path.name.removesuffix(".pt")
     out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,8 @@ def _spread(per_head: Tensor) -> str:
     return f"{per_head.median().item():.3f} [{per_head.min().item():.3f}, {per_head.max().item():.3f}]"
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
 
 
 def summary_rows(result: ProbeResult) -> tuple[list[str], list[list[str]]]:
@@ -63,42 +63,37 @@ def summary_text(result: ProbeResult) -> str:
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows]]
     m = result.meta
-    title = (f"step {m['step']}, {m['tokens']} tokens, query block {m['query_block']}: fraction of keys (key, per query "
-             f"token) and of g-token KV units (per query block) covering tau; median layer of the mean over heads")
+    title = (f"step {m['step']}, {m['tokens']} tokens, query block {m['query_block']}: fraction of keys (key, "
+             "per query token) and of g-token KV units (per query block) covering tau; "
+             "median layer of the mean over heads")
     return "\n".join([title, *lines])
+
+
+def _per_layer(values: Tensor, taus: list[float]) -> list[list[str]]:
+    """values (L, H, tau, columns) -> rows (layer, tau, median [min, max] over heads per column)."""
+    return [[str(layer), f"{tau:g}", *(_spread(values[layer, :, j, c]) for c in range(values.shape[-1]))]
+            for layer in range(values.shape[0]) for j, tau in enumerate(taus)]
 
 
 def write_markdown(result: ProbeResult, path: Path) -> Path:
     m = result.meta
-    grains = m["granularity"]
+    units = [f"g={g}" for g in m["granularity"]]
+    recall = (f"*recall*: the true mass on the predictor's top units at the oracle's count, over the oracle's mass "
+              f"(predictor mass: {m['predictor_mass']})." if m["predictor"] else "No DSV predictors in the checkpoint.")
     lines = [f"# Attention sparsity of `{m['checkpoint']}` (step {m['step']})", "",
              f"{m['batch']} held-out clips of {m['tokens']} tokens (grid {m['grid']}, cube {m['cube']}), "
              f"{m['weights']} weights, {m['precision']}, noise seed {m['seed']}. Fractions needed to cover tau of the "
              f"attention mass: *key* per query token; *g=N* of N-token KV units per query block of "
-             f"{m['query_block']} tokens (block sparsity; a partial last unit counts as one). "
-             + (f"*recall*: true mass on the predictor's top units at the oracle's count over the oracle's mass "
-                f"(predictor mass: {m['predictor_mass']})." if m["predictor"] else "No DSV predictors in this checkpoint."),
-             "", "## Summary: median layer of the mean over heads (a layer's density)", ""]
-    header, rows = summary_rows(result)
-    lines += [_row(header), _row(["---"] * len(header)), *map(_row, rows)]
+             f"{m['query_block']} tokens (block sparsity; a partial last unit counts as one). {recall}",
+             "", "## Summary: median layer of the mean over heads (a layer's density)", "",
+             *_table(*summary_rows(result))]
     for i, t in enumerate(m["t"]):
-        lines += ["", f"## t = {t:g}: fraction needed, median [min, max] over heads", ""]
-        header = ["layer", "tau", "key"] + [f"g={g}" for g in grains]
-        lines += [_row(header), _row(["---"] * len(header))]
-        for layer in range(m["layers"]):
-            for j, tau in enumerate(m["tau"]):
-                cells = [_spread(result.key[i, layer, :, j])] + [_spread(result.units[i, layer, :, j, n])
-                                                                 for n in range(len(grains))]
-                lines.append(_row([str(layer), f"{tau:g}", *cells]))
-        if result.recall is None:
-            continue
-        lines += ["", f"## t = {t:g}: predictor recall, median [min, max] over heads", ""]
-        header = ["layer", "tau"] + [f"g={g}" for g in grains]
-        lines += [_row(header), _row(["---"] * len(header))]
-        for layer in range(m["layers"]):
-            for j, tau in enumerate(m["tau"]):
-                cells = [_spread(result.recall[i, layer, :, j, n]) for n in range(len(grains))]
-                lines.append(_row([str(layer), f"{tau:g}", *cells]))
+        fractions = torch.cat([result.key[i, ..., None], result.units[i]], -1)  # (L, H, tau, 1 + g)
+        lines += ["", f"## t = {t:g}: fraction needed, median [min, max] over heads", "",
+                  *_table(["layer", "tau", "key", *units], _per_layer(fractions, m["tau"]))]
+        if result.recall is not None:
+            lines += ["", f"## t = {t:g}: predictor recall, median [min, max] over heads", "",
+                      *_table(["layer", "tau", *units], _per_layer(result.recall[i], m["tau"]))]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -135,8 +130,10 @@ def write_figure(result: ProbeResult, path: Path) -> Path:
         ax.set_xticks([0, *x], ["key", *map(str, grains)], fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel(f"KV unit (tokens), per {m['query_block']}-token query block", fontsize=8)
+    for col in range(cols):  # the lowest panel of each column (the last row may be short) names the x axis
+        lowest = axes[len(range(col, layers, cols)) - 1, col]
+        lowest.tick_params(labelbottom=True)
+        lowest.set_xlabel(f"KV unit (tokens), per {m['query_block']}-token query block", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel(f"fraction covering tau={taus[mid]:g}", fontsize=8)
     axes.flat[0].legend(fontsize=7)

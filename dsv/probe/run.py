@@ -61,16 +61,22 @@ def resolve_checkpoint(target: Path, step: int | None) -> Path:
                              "drop --ckpt or pass the run directory")
         return target
     if (target / "meta.pt").exists():
-        raise CheckpointError(f"{target} is a sharded FSDP checkpoint: convert it with "
-                              "`python -m torch.distributed.checkpoint.format_utils dcp_to_torch` first")
-    if not (target / "ckpt").is_dir():
+        path = target
+    elif not (target / "ckpt").is_dir():
         raise FileNotFoundError(f"{target}: not a checkpoint file nor a run directory with a ckpt/ folder")
-    if step is None:
-        return find_checkpoint("auto", target)
-    path = target / "ckpt" / checkpoint_name(step, distributed=False)
-    if not path.exists():
-        held = sorted(p.name for p in (target / "ckpt").iterdir() if p.name.startswith("step_"))
-        raise FileNotFoundError(f"--ckpt {step}: {path} does not exist; {target / 'ckpt'} holds {held or 'nothing'}")
+    elif step is None:
+        path = find_checkpoint("auto", target)
+    else:
+        path = target / "ckpt" / checkpoint_name(step, distributed=False)
+        sharded = target / "ckpt" / checkpoint_name(step, distributed=True)
+        if not (path.exists() or sharded.exists()):
+            held = sorted(p.name for p in (target / "ckpt").iterdir() if p.name.startswith("step_"))
+            raise FileNotFoundError(f"--ckpt {step}: {path} does not exist; {target / 'ckpt'} holds "
+                                    f"{held or 'nothing'}")
+        path = path if path.exists() else sharded
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a sharded FSDP checkpoint: convert it with "
+                              "`python -m torch.distributed.checkpoint.format_utils dcp_to_torch` first")
     return path
 
 
