@@ -119,25 +119,25 @@ class ProbeAttention:
 
     def __init__(self, axes: ProbeAxes, predictors: nn.ModuleList | None = None):
         self.axes, self.predictors = axes, predictors
-        self.measured: dict[int, list[list[HeadCoverage]]] = {}  # layer -> [sample][head]
+        self.measured: dict[int, list[HeadCoverage]] = {}  # layer -> B * H heads, sample-major
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
                  rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """q, k, v (B, H, S, D) in cube order; returns (B, H, S, D)."""
-        low_rank = self.predictors[layer](attn_input, rope) if self.predictors is not None else None  # (B, H, S, r) x2
-        self.measured[layer] = [
-            [head_coverage(q[b, h], k[b, h], self.axes, *(() if low_rank is None else (x[b, h] for x in low_rank)))
-             for h in range(q.shape[1])]
-            for b in range(q.shape[0])]
+        heads = [(i, j) for i in range(q.shape[0]) for j in range(q.shape[1])]
+        if self.predictors is None:
+            self.measured[layer] = [head_coverage(q[i, j], k[i, j], self.axes) for i, j in heads]
+        else:
+            q_lr, k_lr = self.predictors[layer](attn_input, rope)  # each (B, H, S, r)
+            self.measured[layer] = [head_coverage(q[i, j], k[i, j], self.axes, q_lr[i, j], k_lr[i, j])
+                                    for i, j in heads]
         return F.scaled_dot_product_attention(q, k, v)
 
-    def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
+    def result(self, samples: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """Means over the batch: key (L, H, tau), units (L, H, tau, g), recall like units or None."""
-        layers = [self.measured[layer] for layer in sorted(self.measured)]
-
         def mean(name: str) -> Tensor:
-            return torch.stack([torch.stack([torch.stack([getattr(head, name) for head in sample])
-                                             for sample in samples]).mean(0) for samples in layers])
+            return torch.stack([torch.stack([getattr(head, name) for head in self.measured[layer]])
+                                .unflatten(0, (samples, -1)).mean(0) for layer in sorted(self.measured)])
 
         return mean("key"), mean("units"), None if self.predictors is None else mean("recall")
 
@@ -168,7 +168,7 @@ def probe(loaded: LoadedCheckpoint, videos: Tensor, labels: Tensor, *, ts: tuple
                 model(x_t.to(device), times.to(device), cond)
         finally:
             model.set_attention(DenseAttention())
-        parts.append(backend.result())
+        parts.append(backend.result(videos.shape[0]))
     key, units, recall = (None if parts[0][i] is None else torch.stack([p[i] for p in parts]) for i in range(3))
     grid = cfg.check_input(*videos.shape[2:])
     meta = dict(checkpoint=str(loaded.path), step=loaded.step, weights=loaded.weights, batch=videos.shape[0],
