@@ -15,7 +15,8 @@ Units are runs of g consecutive tokens. Tokens are in 3D-cube order (dsv/ops/lay
 is a contiguous sub-block of the video: with cube (4, 4, 4), g = 16 is a 1x4x4 slab of a cube, 32 a
 2x4x4 half cube, 64 the cube, 128 two consecutive cubes (w neighbours if the cube grid's width is even).
 When g does not divide S, the last unit is partial (S mod g tokens) and counts as one unit, as a
-partial tile costs the kernel a whole one. The last query block is likewise partial; its mass is the mean over its real rows.
+partial tile costs the kernel a whole one. The last query block is likewise partial; its mass is
+the mean over its real rows.
 
 The predictor's unit masses come from its q~, k~ (S, r) with scale r^-0.5 (the scale it is trained
 for), "fast" from the block's mean query as the DSV backend selects (one softmax per query block),
