@@ -85,6 +85,12 @@ def report_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def probe_main(argv: list[str]) -> int:
+    from dsv.probe import main
+
+    return main(argv)
+
+
 def bench_main(argv: list[str]) -> int:
     if not argv or argv[0] != "dispatch":
         print("usage: dsv bench dispatch --out TABLE.json [options]", file=sys.stderr)
@@ -101,7 +107,7 @@ def plan_main(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": train_main, "sample": sample_main, "report": report_main, "bench": bench_main,
-            "plan": plan_main}
+            "plan": plan_main, "probe": probe_main}
 
 
 def main(argv: list[str] | None = None) -> int:
