@@ -44,6 +44,8 @@ class LayerRecord:
 
 @dataclass(kw_only=True)
 class StepState:
+    """The records of the step being taken, by layer; step_end replaces it with the next step's."""
+
     steps_taken: int  # optimizer steps before this one: the sampled rows and the profiling cadence follow it
     layers: dict[int, LayerRecord] = field(default_factory=dict)
 
