@@ -114,7 +114,8 @@ class DSVAttention:
                 self._selection[layer] = index
         q = mark_input(q, self.timer, "attention")
         with self.timer.phase("attention"):
-            out = F.scaled_dot_product_attention(q, k, v) if index is None else sparse_attention_index(q, k, v, index)
+            out = F.scaled_dot_product_attention(q, k, v) if index is None else \
+                sparse_attention_index(q, k, v, index, check_lists=False)  # our selection: valid lists, no host sync
         return mark_output(out, self.timer, "attention")
 
     def layer_runs_sparse(self, layer: int, seq_len: int) -> bool:
