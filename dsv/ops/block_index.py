@@ -210,7 +210,8 @@ def check_block_mask(mask: BlockMask, seq_len: int) -> None:
     n = -(-seq_len // kv_block)
     for side, blocks in (("query", mask.kv_num_blocks.shape[-1]), ("KV", mask.kv_indices.shape[-1])):
         if blocks != n:
-            raise ValueError(f"BlockMask has {blocks} {side} blocks of {kv_block}, but a sequence of {seq_len} needs {n}")
+            raise ValueError(f"BlockMask has {blocks} {side} blocks of {kv_block}, "
+                             f"but a sequence of {seq_len} needs {n}")
 
 
 def _check_block_size(block_size: int) -> None:

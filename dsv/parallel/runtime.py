@@ -108,7 +108,8 @@ def timed_out_collective(error: BaseException) -> str | None:
     op = _NCCL_OP.search(text)
     if op:
         return op.group(1).lower()
-    frames = [f.name for f in traceback.extract_tb(error.__traceback__) if any(c in f.filename for c in _COLLECTIVE_CODE)]
+    frames = [frame.name for frame in traceback.extract_tb(error.__traceback__)
+              if any(code in frame.filename for code in _COLLECTIVE_CODE)]
     return frames[-1] if frames else "a collective"
 
 

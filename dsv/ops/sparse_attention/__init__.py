@@ -57,8 +57,8 @@ def sparse_attention_index(
     (`BlockIndex.check_lists`: counts in range, ids in range, each block once, ascending),
     which reads a result back from the device: on a GPU that is a host sync per call, which
     the training step must not have. So it is on for indices a user builds, and our own
-    selection path (dsv.sparse's attention backend and the sequence-parallel exchange), whose
-    lists are valid by construction, turns it off."""
+    selection path (dsv.sparse's attention backend, the context-parallel attention of
+    dsv.parallel, the timing benchmarks), whose lists are valid by construction, turns it off."""
     _check_inputs(q, k, v, backend)
     b, h, s, _ = q.shape
     index = _check_index(index, q)
