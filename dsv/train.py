@@ -32,7 +32,8 @@ from dsv.parallel.hybrid import ContextParallelAttention
 from dsv.parallel.mesh import build_parallel_mesh
 from dsv.parallel.parallelize import parallelize
 from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
-from dsv.parallel.runtime import Runtime, all_reduce_mean, barrier, init_runtime, shutdown
+from dsv.parallel.runtime import (DEFAULT_TIMEOUT_S, Runtime, all_reduce_mean, barrier, collective_timeout_errors,
+                                  init_runtime, shutdown)
 from dsv.sample import write_samples
 from dsv.sparse import DSVAttention, SparseConfig
 from dsv.train_state import TrainState
@@ -95,6 +96,8 @@ class TrainConfig:
         "help": "'auto' = the run directory's latest checkpoint, or a checkpoint path"})
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard events to <run>/tb"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on rank 0"})
+    dist_timeout_s: float = field(default=DEFAULT_TIMEOUT_S, metadata={
+        "help": "seconds a collective waits for the other ranks before this rank stops with an error naming it"})
 
 
 class NonFiniteLossError(Failure):
@@ -316,9 +319,10 @@ def _check_predictors_match(path: Path, saved: dict, cfg: SparseConfig) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final record (loss, val_loss, paths)."""
-    runtime = init_runtime(cfg.device)
+    runtime = init_runtime(cfg.device, timeout_s=cfg.dist_timeout_s)
     try:
-        return _train(cfg, runtime)
+        with collective_timeout_errors(runtime, flag="--dist-timeout-s"):
+            return _train(cfg, runtime)
     finally:
         shutdown(runtime)
 

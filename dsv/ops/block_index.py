@@ -47,15 +47,19 @@ class TransposedBlockIndex:
 class BlockIndex:
     """Which key/value blocks each (batch, head, query block) attends to.
 
-    counts:  (B, H, NQ) int32, number of selected KV blocks, >= 1.
-    indices: (B, H, NQ, MAXSEL) int32, selected KV block ids in ascending order;
-             entries past `counts` are padding (0) and are never read.
+    counts:  (B, H, NQ) int32, number of selected KV blocks, 0 to MAXSEL; a query block
+             with none gets output 0 and zero gradients (as in FlexAttention).
+    indices: (B, H, NQ, MAXSEL) int32, selected KV block ids, strictly ascending (each
+             block once); entries past `counts` are padding (0) and are never read.
     """
 
     counts: Tensor
     indices: Tensor
     block_size: int
     seq_len: int
+
+    def __post_init__(self):
+        _check_block_size(self.block_size)
 
     @property
     def num_blocks(self) -> int:
@@ -68,6 +72,29 @@ class BlockIndex:
     def nbytes(self) -> int:
         """Memory held by the compact lists."""
         return self.counts.nbytes + self.indices.nbytes
+
+    def check_lists(self) -> None:
+        """ValueError unless the lists keep the contract above: counts in [0, MAXSEL], listed ids
+        in [0, NKV), strictly ascending. Reads one small tensor back: a host sync on a GPU."""
+        width, n = self.indices.shape[-1], self.num_blocks
+        valid = torch.arange(width, device=self.indices.device) < self.counts[..., None]  # (B, H, NQ, MAXSEL)
+        ids = self.indices
+        out_of_range = valid & ((ids < 0) | (ids >= n))
+        not_ascending = valid[..., 1:] & (ids[..., 1:] <= ids[..., :-1])
+        flags = torch.stack([(self.counts < 0).any(), (self.counts > width).any(), out_of_range.any(),
+                             not_ascending.any()]).tolist()  # the one read-back
+        if flags[0]:
+            raise ValueError(f"block index counts must be >= 0, got {self.counts.min().item()}")
+        if flags[1]:
+            raise ValueError(f"block index counts must be <= the list width indices.shape[-1] = {width}, "
+                             f"got {self.counts.max().item()}")
+        for bad, where, what in ((flags[2], out_of_range, f"KV block ids in [0, {n})"),
+                                 (flags[3], not_ascending, "each KV block once, in ascending order")):
+            if bad:
+                b, h, q = where.any(-1).nonzero()[0].tolist()
+                listed = ids[b, h, q, : self.counts[b, h, q]].tolist()
+                raise ValueError(f"block index indices must list {what}; (batch, head, query block) = "
+                                 f"({b}, {h}, {q}) lists {listed}")
 
     def expand(self, batch: int, heads: int) -> "BlockIndex":
         """Broadcast a batch or head dimension of size 1 (as BlockMask allows), contiguous."""
@@ -137,15 +164,9 @@ class BlockIndex:
     def from_block_mask(cls, mask: BlockMask, seq_len: int) -> "BlockIndex":
         """Union of the mask's partial and full KV blocks (their mask_mod is ignored: the
         blocks are taken whole), sorted ascending, trimmed to the longest list."""
-        q_block, kv_block = mask.BLOCK_SIZE
-        if q_block != kv_block:
-            raise ValueError(f"BlockMask must use square blocks, got BLOCK_SIZE={mask.BLOCK_SIZE}")
+        check_block_mask(mask, seq_len)
+        kv_block = mask.BLOCK_SIZE[1]
         n = -(-seq_len // kv_block)
-        if mask.kv_num_blocks.shape[-1] != n:
-            raise ValueError(
-                f"BlockMask has {mask.kv_num_blocks.shape[-1]} query blocks of {q_block}, "
-                f"but a sequence of {seq_len} needs {n}"
-            )
         lists = [(mask.kv_num_blocks, mask.kv_indices)]
         if mask.full_kv_num_blocks is not None:
             lists.append((mask.full_kv_num_blocks, mask.full_kv_indices))
@@ -177,6 +198,27 @@ class BlockIndex:
         return hits.scatter_add_(-1, self.indices.long(), valid.to(torch.int32)) > 0
 
 
+def check_block_mask(mask: BlockMask, seq_len: int) -> None:
+    """ValueError unless `mask` has square blocks and is for seq_len queries and keys (a mask for
+    other lengths would be clamped or truncated silently)."""
+    q_block, kv_block = mask.BLOCK_SIZE
+    if q_block != kv_block:
+        raise ValueError(f"BlockMask must use square blocks, got BLOCK_SIZE={mask.BLOCK_SIZE}")
+    if tuple(mask.seq_lengths) != (seq_len, seq_len):
+        raise ValueError(f"BlockMask is for (Q_LEN, KV_LEN) = {tuple(mask.seq_lengths)}, but q, k, v have "
+                         f"{seq_len} tokens: build it for ({seq_len}, {seq_len})")
+    n = -(-seq_len // kv_block)
+    for side, blocks in (("query", mask.kv_num_blocks.shape[-1]), ("KV", mask.kv_indices.shape[-1])):
+        if blocks != n:
+            raise ValueError(f"BlockMask has {blocks} {side} blocks of {kv_block}, "
+                             f"but a sequence of {seq_len} needs {n}")
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size <= 0:
+        raise ValueError(f"block_size must be a positive number of tokens, got {block_size}")
+
+
 def random_block_index(
     batch: int,
     heads: int,
@@ -192,6 +234,7 @@ def random_block_index(
     """Uniformly random KV blocks per query block: round(density * NKV) of them (at least 1),
     or `per_head_density[h]` for head h. With `keep_diagonal` the query block's own KV
     block is always among them. Sampled on the generator's device, returned on `device`."""
+    _check_block_size(block_size)
     n = -(-seq_len // block_size)
     densities = per_head_density if per_head_density is not None else [density] * heads
     if len(densities) != heads:

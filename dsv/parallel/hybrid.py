@@ -120,7 +120,8 @@ class ContextParallelAttention:
         if self.mesh.cp_seq == 1:
             if index is None:
                 return F.scaled_dot_product_attention(q, k, v)
-            return sparse_attention_index(q, k, v, index, backend=self.kernel_backend)
+            # the selector's lists (DSV's selection in training) are not re-checked: that is a host sync per layer
+            return sparse_attention_index(q, k, v, index, backend=self.kernel_backend, check_lists=False)
         if index is None:
             out, nbytes = dense_sequence_attention(q, k, v, self.mesh.seq_group)
         else:

@@ -125,7 +125,9 @@ def profile(shard: LayerShard, rows: Tensor, index: BlockIndex | None, total_row
 
 def attend(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex | None) -> Tensor:
     """q, k, v (B, H, S, D) -> (B, H, S, D): block-sparse over `index`, dense SDPA for None."""
-    return F.scaled_dot_product_attention(q, k, v) if index is None else sparse_attention_index(q, k, v, index)
+    if index is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    return sparse_attention_index(q, k, v, index, check_lists=False)  # lists from our selection: no host sync
 
 
 def to_all_heads(values: Tensor, heads: list[int], total: int) -> Tensor:

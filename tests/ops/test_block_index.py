@@ -56,8 +56,17 @@ def test_from_block_mask_takes_the_union_of_partial_and_full_blocks():
 
 def test_from_block_mask_rejects_another_sequence_length():
     mask = _index(4, seq_len=640).to_block_mask()
-    with pytest.raises(ValueError, match="query blocks"):
+    with pytest.raises(ValueError, match=r"\(Q_LEN, KV_LEN\) = \(640, 640\), but q, k, v have 1000 tokens"):
         BlockIndex.from_block_mask(mask, seq_len=1000)
+
+
+def test_from_block_mask_rejects_a_mask_with_more_kv_blocks():
+    from torch.nn.attention.flex_attention import BlockMask
+
+    counts, wide = torch.ones(1, 1, 3, dtype=torch.int32), torch.zeros(1, 1, 3, 5, dtype=torch.int32)
+    mask = BlockMask.from_kv_blocks(counts, wide, BLOCK_SIZE=16, seq_lengths=(40, 40))
+    with pytest.raises(ValueError, match="BlockMask has 5 KV blocks of 16, but a sequence of 40 needs 3"):
+        BlockIndex.from_block_mask(mask, seq_len=40)
 
 
 def test_random_block_index_counts_diagonal_and_order():

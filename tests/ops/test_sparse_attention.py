@@ -2,7 +2,7 @@
 the gather reference and the FlexAttention backend against float64 dense references."""
 import pytest
 import torch
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from dsv.ops.block_index import BlockIndex, random_block_index
 from dsv.ops.sparse_attention import dense_masked_attention, sparse_attention, sparse_attention_index
@@ -125,6 +125,8 @@ def test_clear_errors():
         sparse_attention_index(q[:, :, :32], k[:, :, :32], v[:, :, :32], index)
     with pytest.raises(ValueError, match=r"\(B, H\) = \(1, 2\), q has \(1, 3\)"):
         sparse_attention_index(*(torch.cat([t, t[:, :1]], 1) for t in (q, k, v)), index)
+    with pytest.raises(ValueError, match=r"counts \(1, 2, 1\) / indices \(1, 2, 1, 1\) do not match 2 blocks of 32"):
+        sparse_attention_index(q, k, v, BlockIndex(index.counts[..., :1], index.indices[..., :1, :1], 32, 64))
     with pytest.raises(ValueError, match="backend"):
         sparse_attention_index(q, k, v, index, backend="cudnn")
     with pytest.raises(TypeError, match="takes"):
@@ -136,6 +138,65 @@ def test_clear_errors():
     odd = [t[..., :12].half() for t in (q, k, v)]  # 12 fp16 = 24 bytes per row: no TMA
     with pytest.raises(ValueError, match="head_dim 12"):
         sparse_attention_index(*odd, index, backend="triton")
+
+
+def _with_empty_lists(index: BlockIndex) -> BlockIndex:
+    """The same lists, but query block 1 of head 0 and every query block of head 1 list nothing."""
+    counts = index.counts.clone()
+    counts[:, 0, 1] = 0
+    counts[:, 1] = 0
+    return BlockIndex(counts=counts, indices=index.indices, block_size=index.block_size, seq_len=index.seq_len)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_lists_give_zero_rows_and_zero_gradients(backend):
+    """One behaviour for every backend, FlexAttention's: an empty list attends to nothing."""
+    index, q, k, v, do = _problem(16, 1, 3, 100, 16, 32, 0.5, torch.float32, device="cpu")
+    index = _with_empty_lists(index)
+    out, dq, dk, dv = run(lambda *t: sparse_attention_index(*t, index, backend=backend), q, k, v, do)
+    assert not any(t.isnan().any() for t in (out, dq, dk, dv))
+    for t in (out, dq):
+        assert t[:, 0, 32:64].eq(0).all() and t[:, 1].eq(0).all()
+    assert dk[:, 1].eq(0).all() and dv[:, 1].eq(0).all()
+    assert_close_to_fp64([out, dq, dk, dv], index, q, k, v, do, atol=1e-5)  # fp32 throughout
+    flex = sparse_attention_index(q, k, v, index, backend="flex")  # CPU: eager, forward only
+    torch.testing.assert_close(out, flex, atol=1e-5, rtol=1e-5)
+
+
+def test_a_block_mask_for_other_lengths_is_rejected():
+    """A mask for 512 keys used to be clamped to the 4 blocks of 256 tokens: block 3 alone."""
+    q = torch.randn(1, 2, 256, 16)
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 256, 1, 2, 256, 512, device="cpu", BLOCK_SIZE=64)
+    for backend in ("reference", "flex"):
+        with pytest.raises(ValueError, match=r"\(Q_LEN, KV_LEN\) = \(256, 512\), but q, k, v have 256 tokens"):
+            sparse_attention(q, q, q, mask, backend=backend)
+    three_heads = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 0, 1, 3, 256, 256, device="cpu",
+                                    BLOCK_SIZE=64)
+    with pytest.raises(ValueError, match=r"BlockMask is for \(B, H\) = \(1, 3\), q has \(1, 2\)"):
+        sparse_attention(q, q, q, three_heads)
+
+
+def _lists(counts, indices, block_size=32, seq_len=96):
+    return BlockIndex(counts=torch.tensor(counts, dtype=torch.int32), indices=torch.tensor(indices, dtype=torch.int32),
+                      block_size=block_size, seq_len=seq_len)
+
+
+@pytest.mark.parametrize("counts, indices, message", [
+    ([[[2, 1, 1]]], [[[[1, 1], [1, 0], [2, 0]]]], r"each KV block once.*\(0, 0, 0\) lists \[1, 1\]"),
+    ([[[2, 1, 1]]], [[[[1, 0], [1, 0], [2, 0]]]], r"each KV block once.*\(0, 0, 0\) lists \[1, 0\]"),
+    ([[[1, 3, 1]]], [[[[0, 0], [0, 1], [2, 0]]]], r"counts must be <= the list width indices.shape\[-1\] = 2, got 3"),
+    ([[[1, -1, 1]]], [[[[0, 0], [0, 0], [2, 0]]]], r"counts must be >= 0, got -1"),
+    ([[[1, 1, 1]]], [[[[0, 0], [3, 0], [2, 0]]]], r"KV block ids in \[0, 3\).*\(0, 0, 1\) lists \[3\]"),
+])
+def test_invalid_lists_are_rejected_by_name(counts, indices, message):
+    q = torch.randn(1, 1, 96, 16)
+    with pytest.raises(ValueError, match=message):
+        sparse_attention_index(q, q, q, _lists(counts, indices))
+
+
+def test_a_block_size_that_is_not_positive_is_rejected():
+    with pytest.raises(ValueError, match="block_size must be a positive number of tokens, got 0"):
+        _lists([[[1]]], [[[[0]]]], block_size=0)
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from dsv.ops.block_index import BlockIndex, TransposedBlockIndex
+from dsv.ops.block_index import BlockIndex, TransposedBlockIndex, check_block_mask
 from dsv.ops.sparse_attention.reference import dense_masked_attention, gathered_attention
 
 BACKENDS = ("auto", "triton", "flex", "reference")
@@ -31,25 +31,39 @@ __all__ = ["sparse_attention", "sparse_attention_index", "dense_masked_attention
 def sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *, scale: float | None = None, backend: str = "auto"
 ) -> Tensor:
-    """q, k, v: (B, H, S, D); `block_mask` selects whole blocks (its mask_mod is ignored).
-    Converts the mask to compact lists once and runs `sparse_attention_index`."""
+    """q, k, v: (B, H, S, D); `block_mask` (for S queries and keys, batch and heads B or 1, H
+    or 1) selects whole blocks (its mask_mod is ignored). Converts the mask to compact lists
+    once and runs `sparse_attention_index`."""
     _check_inputs(q, k, v, backend)
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a BlockMask, got {type(block_mask).__name__}")
+    check_block_mask(block_mask, q.shape[-2])
+    _check_batch_and_heads("BlockMask", tuple(block_mask.kv_num_blocks.shape[:2]), q)
     if backend == "flex" and q.is_cuda:
         return _flex(q, k, v, block_mask, _scale(q, scale))
     index = BlockIndex.from_block_mask(block_mask, seq_len=q.shape[-2])
-    return sparse_attention_index(q, k, v, index, scale=scale, backend=backend)
+    return sparse_attention_index(q, k, v, index, scale=scale, backend=backend, check_lists=False)  # lists built here
 
 
 def sparse_attention_index(
-    q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, *, scale: float | None = None, backend: str = "auto"
+    q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, *, scale: float | None = None, backend: str = "auto",
+    check_lists: bool = True,
 ) -> Tensor:
-    """q, k, v: (B, H, S, D); index: lists of KV blocks per (B or 1, H or 1, query block),
-    each of length >= 1. Returns (B, H, S, D) in q's dtype; differentiable in q, k, v."""
+    """q, k, v: (B, H, S, D); index: lists of KV blocks per (B or 1, H or 1, query block); a
+    query block with an empty list gets output 0 and zero gradients. Returns (B, H, S, D) in
+    q's dtype; differentiable in q, k, v.
+
+    The index's shapes are always checked against q. `check_lists` also checks its values
+    (`BlockIndex.check_lists`: counts in range, ids in range, each block once, ascending),
+    which reads a result back from the device: on a GPU that is a host sync per call, which
+    the training step must not have. So it is on for indices a user builds, and our own
+    selection path (dsv.sparse's attention backend, the context-parallel attention of
+    dsv.parallel, the timing benchmarks), whose lists are valid by construction, turns it off."""
     _check_inputs(q, k, v, backend)
     b, h, s, _ = q.shape
     index = _check_index(index, q)
+    if check_lists:
+        index.check_lists()
     scale = _scale(q, scale)
     if backend == "auto":
         backend = "reference" if not q.is_cuda else "triton" if _tma_readable(q) else "flex"
@@ -160,11 +174,16 @@ def _check_index(index: BlockIndex, q: Tensor) -> BlockIndex:
             f"block index counts {tuple(index.counts.shape)} / indices {tuple(index.indices.shape)} "
             f"do not match {index.num_blocks} blocks of {index.block_size}"
         )
-    if ib not in (1, b) or ih not in (1, h):
-        raise ValueError(f"block index is for (B, H) = ({ib}, {ih}), q has ({b}, {h})")
+    _check_batch_and_heads("block index", (ib, ih), q)
     if index.counts.dtype != torch.int32 or index.indices.dtype != torch.int32:
         raise TypeError("block index counts and indices must be int32")
     return index if (ib, ih) == (b, h) else index.expand(b, h)
+
+
+def _check_batch_and_heads(what: str, batch_heads: tuple[int, int], q: Tensor) -> None:
+    (ib, ih), (b, h) = batch_heads, q.shape[:2]
+    if ib not in (1, b) or ih not in (1, h):
+        raise ValueError(f"{what} is for (B, H) = ({ib}, {ih}), q has ({b}, {h})")
 
 
 def _check_kernel_inputs(q: Tensor, index: BlockIndex) -> None:

@@ -280,7 +280,8 @@ def _dq_kernel(
     pair = gl.program_id(0)
     bh = gl.program_id(1)
     count0, list0, count1, list1 = _block_lists(kv_counts, kv_indices, bh, pair, NQ, MAXSEL, PAIRED)
-    # lists are never empty; a stray 0 must not hang the program
+    # an empty list walks its first (padding) entry: the forward saved lse = +inf for its rows,
+    # so P = 0 and dq = 0 (and the ring keeps at least one tile)
     n0 = gl.maximum(count0, 1)
     n1 = gl.maximum(count1, 1)
     head_row = bh * S

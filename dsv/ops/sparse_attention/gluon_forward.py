@@ -132,11 +132,11 @@ def _consumer(q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_free, v_free, O
 
     # -- normalise; store the rows inside the sequence and their base-2 log-sum-exp
     acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, acc_layout)), 1)
-    acc = gl.where(nonempty, acc, float("nan"))
+    acc = gl.where(nonempty, acc, 0.0)
     first_row = (2 * pair + PART) * ROWS
     _store_rows(O, acc, first_row, head_row, S, HEAD_DIM)
     lse_rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-    gl.store(LSE + head_row + lse_rows, gl.where(nonempty, m_i + gl.log2(l_i), float("-inf")), mask=lse_rows < S)
+    gl.store(LSE + head_row + lse_rows, gl.where(nonempty, m_i + gl.log2(l_i), float("inf")), mask=lse_rows < S)
 
 
 @gluon.jit
@@ -189,7 +189,8 @@ def _forward_kernel(
     bh = gl.program_id(1)
     head_row = bh * S  # this head's first row in the (B*H*S, D) view
     count0, list0, count1, list1 = _block_lists(kv_counts, kv_indices, bh, pair, NQ, MAXSEL, PAIRED)
-    # an empty list (outside the contract) gives NaN rows, as the Triton kernel does
+    # an empty list walks its first (padding) entry, then gives output 0 and lse = +inf (the
+    # backward's probabilities of its rows are then 0), as the Triton kernel does
     n0 = gl.maximum(count0, 1)
     n1 = gl.maximum(count1, 1)
 
@@ -229,7 +230,7 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, inde
                    stages: int = STAGES) -> None:
     """Fills o (B, H, S, D) and the base-2 log-sum-exp lse (B, H, S) fp32, as
     `kernels.launch_forward` does, for what `gluon_forward_supported` accepts; q, k, v
-    contiguous and 16-byte aligned; every list has at least one block."""
+    contiguous and 16-byte aligned; an empty list gives output 0 and lse = +inf."""
     b, h, s, d = q.shape
     block = index.block_size
     nq, maxsel = index.indices.shape[-2:]

@@ -16,7 +16,8 @@ p = exp2(qk * qk_scale - lse).
 q, k, v, o and their gradients are contiguous (B, H, S, D) with 16-byte aligned rows; lse and
 delta are (B, H, S) fp32. Rows past S in the last block are loaded as 0 and never stored; keys
 past S are masked to -inf in the forward (in the backward their k = v = 0 make their
-contribution vanish).
+contribution vanish). A query block with an empty list gets output 0 and lse = +inf; its dQ
+loop runs no iteration and no transposed list holds it, so its gradients are 0 too.
 `forward` and `backward` run the Gluon kernels of gluon_forward.py and gluon_backward.py
 instead where `kernel_impl` says so (Hopper, head dim 128); the launchers here are Triton's.
 This module is imported lazily, so tests can set TRITON_INTERPRET=1 before it is.
@@ -153,10 +154,13 @@ def _forward_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
 
-    # -- normalise and save the base-2 log-sum-exp for the backward pass
+    # -- normalise and save the base-2 log-sum-exp for the backward pass; an empty list leaves
+    #    acc = 0, l = 0: output 0, and lse = +inf makes every probability recomputed from it 0
+    nonempty = num_selected > 0
+    l_i = tl.where(nonempty, l_i, 1.0)
     acc = acc / l_i[:, None]
     _store_tile(O + base, acc.to(O.dtype.element_ty), rows, cols, S, HEAD_DIM, EVEN_S, EVEN_D)
-    tl.store(LSE + bh * S + rows, m_i + tl.math.log2(l_i), mask=rows < S)
+    tl.store(LSE + bh * S + rows, tl.where(nonempty, m_i + tl.math.log2(l_i), float("inf")), mask=rows < S)
 
 
 @triton.jit

@@ -30,20 +30,25 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale
     slot_ok = torch.arange(width, device=q.device) < index.counts[..., None]  # (B, H, NQ, MAXSEL)
     token = index.indices.long()[..., None] * block + torch.arange(block, device=q.device)
     key_ok = (slot_ok[..., None] & (token < s)).view(b, h, n, 1, width * block)
+    # -- a query block with an empty list: softmax over its (padding) slots, then zeroed, so
+    #    that its output and gradients are 0 rather than NaN
+    listed = index.counts[..., None, None] > 0  # (B, H, NQ, 1, 1)
 
     scores = (q_blocks @ k_sel.transpose(-1, -2)) * scale  # (B, H, NQ, BLOCK, MAXSEL * BLOCK)
-    probs = torch.softmax(scores.masked_fill(~key_ok, float("-inf")), dim=-1)
+    probs = torch.softmax(scores.masked_fill(~(key_ok | ~listed), float("-inf")), dim=-1) * listed
     out = (probs @ v_sel).view(b, h, n * block, d)[:, :, :s]  # (B, H, S, D)
     return out.to(q.dtype)
 
 
 def dense_masked_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) -> Tensor:
     """Dense attention with the block mask expanded to tokens (masked_fill(-inf)), in the
-    inputs' own precision with an fp32 softmax (fp64 stays fp64). O(S^2): tests only."""
+    inputs' own precision with an fp32 softmax (fp64 stays fp64); rows with no key give 0
+    (as in FlexAttention). O(S^2): tests only."""
     s = q.shape[-2]
     block = index.block_size
     token_mask = index.to_dense().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :s, :s]
+    has_key = token_mask.any(-1, keepdim=True)  # (B, H, S, 1)
     scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, S, S)
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = scores.to(softmax_dtype).masked_fill(~token_mask, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(q.dtype) @ v
+    scores = scores.to(softmax_dtype).masked_fill(~(token_mask | ~has_key), float("-inf"))
+    return (torch.softmax(scores, dim=-1) * has_key).to(q.dtype) @ v
