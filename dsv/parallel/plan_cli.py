@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv.ops.layout import BLOCK_SIZE
 from torchkit.config_cli import add_config_arguments, config_from_args
 from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
 
@@ -30,8 +31,8 @@ class PlanConfig:
         "help": "JSON sparsity profile, (layers, heads) list or {'sparsity': [...]}; empty: --sparsity"})
     sparsity: float = field(default=0.9, metadata={"help": "sparsity of every head without --profile"})
     dense_heads: int = field(default=0, metadata={"help": "without --profile: this many heads per layer are dense"})
-    block_size: int = field(default=64, metadata={"help": "attention block (tokens)"})
-    kv_union: float = field(default=4.0, metadata={
+    block_size: int = field(default=BLOCK_SIZE, metadata={"help": "attention block (tokens)"})
+    kv_union: float = field(default=Workload.kv_union, metadata={
         "help": "remote KV fetched by a rank, as a multiple of one query block's selection (measured by "
                 "benchmarks/context_parallel.py)"})
     dense_tflops: float = field(default=0.0, metadata={"help": "measured dense attention TFLOP/s (0: GPU profile)"})
