@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,8 @@ def load_for_sampling(ckpt: Path, device: torch.device, *, ema: bool = True) -> 
     model = VideoDiT(config_from_dict(DiTConfig, config["model"]))
     if ckpt.is_dir():
         weights = {name: p.detach() for name, p in model.named_parameters()} if ema else model.state_dict()
-        dcp.load({"train": {which: weights}}, checkpoint_id=str(ckpt))  # in place, resharded to full tensors
+        with warnings.catch_warnings():  # one process is the intent here, which DCP would warn about
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"train": {which: weights}}, checkpoint_id=str(ckpt), no_dist=True)  # in place, full tensors
     model.load_state_dict(weights)
     return model.to(device).eval(), config

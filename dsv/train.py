@@ -160,8 +160,8 @@ class Trainer:
         changes: dict[str, list] = {}
 
         def check(meta: dict[str, Any]) -> None:
-            check_same_dataset(meta.get("dataset"), self.dataset_fingerprint(), path)
             changes.update(resume_changes(meta["config"], config_to_dict(self.cfg), path))
+            check_same_dataset(meta.get("dataset"), self.dataset_fingerprint(), path)
 
         meta = load_checkpoint(path, self.state, self.runtime, check_meta=check)
         self.step = meta["step"]

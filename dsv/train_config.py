@@ -158,13 +158,15 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path)
              if name in saved_flat and _plain(saved_flat[name]) != _plain(value)}
     fixed = {name: pair for name, pair in diffs.items() if not _changeable(name)}
     if fixed:
-        data = [name for name in fixed if name.startswith("data.") or name == "model.num_classes"]
+        # model.num_classes follows the dataset's classes: another count means other data, not a flag to set
+        data = [name for name in fixed if name.startswith("data.")] or [n for n in fixed if n == "model.num_classes"]
         what = "the dataset changed" if data else "these cannot change on resume"
-        shown = list(data or fixed)[:FIELDS_SHOWN]
+        shown = (data or list(fixed))[:FIELDS_SHOWN]
         more = f" and {len(fixed) - len(shown)} more" if len(fixed) > len(shown) else ""
         listed = ", ".join(f"{name}={fixed[name][0]!r} (this run: {fixed[name][1]!r})" for name in shown)
-        flags = " ".join(as_flag(name, fixed[name][0]) for name in shown)
-        raise CheckpointError(f"{checkpoint} was trained with {listed}{more}: {what}; resume with {flags}, "
+        flags = " ".join(as_flag(name, fixed[name][0]) for name in shown if name != "model.num_classes")
+        fix = f"resume with {flags}" if flags else "resume on the same videos"
+        raise CheckpointError(f"{checkpoint} was trained with {listed}{more}: {what}; {fix}, "
                               "or start a new run with another --run-name")
     return {name: pair for name, pair in diffs.items() if name != "resume"}
 
