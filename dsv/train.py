@@ -376,7 +376,7 @@ def format_summary(result: dict[str, Any]) -> str:
     """A few lines for a person at the end of `dsv train`: what was trained, how fast, and where it is."""
     trained = result["steps_trained"]
     speed = f" in {trained / result['steps_per_s']:.1f} s ({result['steps_per_s']:.3g} steps/s)" if trained else ""
-    head = f"trained {trained} steps{speed}, to step {result['step']}"
+    head = f"trained {trained} step{'' if trained == 1 else 's'}{speed}, to step {result['step']}"
     if "loss" in result:
         head += f"; final loss {result['loss']:.4f}"
     if "val_loss" in result:

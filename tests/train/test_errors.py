@@ -174,3 +174,21 @@ def test_unknown_preset_is_a_choice_error(capsys):
     assert "argument --preset: invalid choice: 'Q' (choose from 'tiny', 'S', 'B'" in line
     with pytest.raises(UsageError, match="--preset 'Q': choose one of"):
         TrainConfig(preset="Q")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["plan", "--gpus", "0"], "dsv plan: error: --gpus 0: must be >= 1"),
+    (["plan", "--sparsity", "1.5"], "dsv plan: error: --sparsity 1.5: must be in [0, 1]"),
+    (["plan", "--heads", "4", "--dense-heads", "5"], "dsv plan: error: --dense-heads 5: must be in [0, --heads 4]"),
+    (["plan", "--bogus"], "dsv plan: error: unrecognized arguments: --bogus"),
+    (["report", "/nonexistent"], "dsv report: error: /nonexistent is not a run directory (it has no metrics.jsonl)"),
+    (["sample", "--ckpt", "x.pt", "--num", "0"], "dsv sample: error: --num 0: must be >= 1"),
+    (["sample", "--ckpt", "x.pt", "--steps", "0"], "dsv sample: error: --steps 0: must be >= 1"),
+])
+def test_other_commands_bad_input_is_one_line(capsys, argv, line):
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's own errors exit from inside the parser
+        code = stop.code
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
