@@ -45,8 +45,7 @@ class NonFiniteLossError(Failure):
 
 
 def _validate(cfg: TrainConfig, runtime: Runtime) -> None:
-    """Stop before any work, naming the field and the fix."""
-    cfg.validate()
+    """The checks that need the world size (cfg.validate() did the others), naming the field and the fix."""
     cp = cfg.cp_heads * cfg.cp_seq
     if runtime.world_size % cp:
         raise ValueError(f"world size {runtime.world_size} is not a multiple of cp_heads x cp_seq = {cp}: "
