@@ -35,8 +35,10 @@ import torch.distributed as dist
 from torchkit.config_cli import add_config_arguments, config_from_args
 from dsv.models.dit import DiTConfig, VideoDiT, train_flops
 from dsv.ops.block_index import BlockIndex
+from dsv.ops.layout import BLOCK_SIZE
 from dsv.parallel.hybrid import ContextParallelAttention, SelectionInput
 from dsv.parallel.mesh import apply_context_parallel, build_parallel_mesh
+from dsv.parallel.planner import Workload
 
 PROFILES = {  # per-head density (1 - sparsity) of 16 heads; other head counts repeat / cut the pattern
     "uniform": [0.1] * 16,
@@ -50,8 +52,8 @@ class BenchConfig:
     heads: int = field(default=16, metadata={"help": "attention heads"})
     head_dim: int = field(default=128, metadata={"help": "head dimension"})
     depth: int = field(default=2, metadata={"help": "DiT blocks in the step-time model"})
-    block_size: int = field(default=64, metadata={"help": "attention block (tokens)"})
-    kv_union: float = field(default=4.0, metadata={"help": "per-head pool of critical KV, as a multiple of density"})
+    block_size: int = field(default=BLOCK_SIZE, metadata={"help": "attention block (tokens)"})
+    kv_union: float = field(default=Workload.kv_union, metadata={"help": "per-head pool of critical KV, as a multiple of density"})
     iters: int = field(default=5, metadata={"help": "timed iterations"})
     warmup: int = field(default=2, metadata={"help": "untimed iterations first (Triton compiles)"})
     device: str = field(default="cuda", metadata={"help": "cuda (NCCL, bf16) or cpu (gloo, fp32)"})

@@ -4,13 +4,16 @@ Single process: one file `ckpt/step_000100.pt`, written to a temporary name, fsy
 renamed. Under FSDP: a torch.distributed.checkpoint directory `ckpt/step_000100/`, each rank
 writing its shards into a temporary directory that rank 0 renames once every rank is done.
 `ckpt/latest` names the newest complete checkpoint; it is replaced only after the checkpoint
-itself is in place, so a crash mid-write never hides or damages a good checkpoint.
+itself is in place, so a crash mid-write never hides or damages a good checkpoint. Only a
+complete checkpoint has a final name, so `--resume auto` takes the newest final name, also
+when a crash between the rename and the write of `latest` left `latest` missing or one behind.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,40 +77,61 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The complete checkpoints in ckpt_dir, oldest first (a sharded one also holds its meta.pt)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if _NAME.match(p.name) and (p.is_file() or (p / "meta.pt").exists())]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
 def find_checkpoint(resume: str, run_dir: Path) -> Path:
-    """`resume` is "auto" (the run's latest) or a path to a checkpoint file/directory."""
+    """`resume` is "auto" (the run's newest complete checkpoint) or a path to a checkpoint file/directory."""
     if resume != "auto":
         path = Path(resume)
         if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist")
         return path
-    latest = run_dir / "ckpt" / "latest"
-    if not latest.exists():
-        raise CheckpointError(f"--resume auto: no checkpoint in {run_dir / 'ckpt'} (no 'latest' file); "
-                              "start without --resume or point --resume at a checkpoint")
-    path = run_dir / "ckpt" / latest.read_text().strip()
-    if not path.exists():
-        raise CheckpointError(f"{latest} names {path.name}, which does not exist")
-    return path
+    ckpt_dir = run_dir / "ckpt"
+    found = complete_checkpoints(ckpt_dir)
+    latest = ckpt_dir / "latest"
+    if latest.exists():
+        named = ckpt_dir / latest.read_text().strip()
+        if not named.exists():
+            fix = (f"the newest complete one is {found[-1]}: resume from it with --resume {found[-1]}" if found
+                   else "no complete checkpoint is left: start a new run with another --run-name")
+            raise CheckpointError(f"{latest} names {named.name}, which does not exist (deleted?); {fix}")
+    if not found:
+        raise CheckpointError(f"--resume auto: no checkpoint in {ckpt_dir}; start without --resume "
+                              "or point --resume at a checkpoint")
+    return found[-1]
 
 
-def load_checkpoint(path: Path, state: Stateful, runtime: Runtime) -> dict[str, Any]:
-    """Loads into `state` (what `save_checkpoint` got) and returns meta."""
+def load_checkpoint(path: Path, state: Stateful, runtime: Runtime,
+                    check_meta: Callable[[dict[str, Any]], None] = lambda meta: None) -> dict[str, Any]:
+    """Loads into `state` (what `save_checkpoint` got) and returns meta. `check_meta(meta)` runs before
+    the state is loaded, so a run of another config is refused by name, not by a tensor's size."""
     if path.is_dir() != runtime.distributed:
         kind = "a sharded (FSDP) directory" if path.is_dir() else "a single-process file"
         raise CheckpointError(f"{path} is {kind}, but this run has world size {runtime.world_size}; "
                               "resume with the same kind of launch it was written by")
     try:
         if runtime.distributed:
-            dcp.load({"train": state}, checkpoint_id=str(path))
-            return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a truncated or foreign file
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from e
-    if not isinstance(blob, dict) or set(blob) != {"state", "meta"}:
-        raise CheckpointError(f"checkpoint {path} is not a dsv checkpoint")
+    if not runtime.distributed:
+        if not isinstance(blob, dict) or set(blob) != {"state", "meta"}:
+            raise CheckpointError(f"checkpoint {path} is not a dsv checkpoint")
+        meta = blob["meta"]
+    check_meta(meta)
     try:
-        state.load_state_dict(blob["state"])
+        if runtime.distributed:
+            dcp.load({"train": state}, checkpoint_id=str(path))
+        else:
+            state.load_state_dict(blob["state"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not match this model/optimizer: {e}") from e
-    return blob["meta"]
+    return meta

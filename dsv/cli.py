@@ -2,7 +2,7 @@
 
     dsv train --preset tiny --run-name demo        # see `dsv train --help` for every option
     dsv train --preset tiny --sparse dsv           # DSV sparse attention (--sparse.* options)
-    dsv sample --ckpt runs/demo/ckpt/step_000000300.pt
+    dsv sample --ckpt runs/demo/ckpt/step_000000300.pt   # or an FSDP checkpoint directory
     dsv report runs/demo --baseline runs/dense     # DSV sparsity heatmaps, density, loss curves
     dsv bench dispatch --out table.json            # the dispatcher's dense/sparse table, on the GPU
     dsv plan --heads 16 --seq-len 131072 --gpus 16 # choose the context-parallel grid
@@ -11,40 +11,31 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from torchkit.cli import run_commands
+from torchkit.cli import Parser, run_commands
 from torchkit.config_cli import add_config_arguments, config_from_args
 
 
-def _train_parser(preset: str) -> argparse.ArgumentParser:
-    from dsv.models.dit import DIT_PRESETS
+def _train_parser(preset: str, add_help: bool = True) -> Parser:
+    """Every TrainConfig field as a flag, with the --model.* defaults of `preset`."""
     from dsv.train import TrainConfig
 
-    defaults = TrainConfig(preset=preset, model=DIT_PRESETS[preset]())
-    parser = argparse.ArgumentParser(prog="dsv train", description="Train a video DiT with flow matching.")
-    add_config_arguments(parser, TrainConfig, defaults=defaults)
-    for action in parser._actions:
-        if action.dest == "preset":
-            action.choices = list(DIT_PRESETS)
+    parser = Parser(prog="dsv train", description="Train a video DiT with flow matching.", add_help=add_help)
+    add_config_arguments(parser, TrainConfig, defaults=TrainConfig(preset=preset))
     return parser
 
 
 def train_main(argv: list[str]) -> int:
-    from dsv.models.dit import DIT_PRESETS
-    from dsv.train import TrainConfig, train
+    from dsv.train import TrainConfig, format_summary, train
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny", choices=list(DIT_PRESETS))
-    known, _ = pre.parse_known_args(argv)
     argv = ["--sparse.mode" if arg == "--sparse" else arg for arg in argv]  # `--sparse dsv` = `--sparse.mode dsv`
-    cfg = config_from_args(TrainConfig, _train_parser(known.preset).parse_args(argv))
+    preset = _train_parser(TrainConfig().preset, add_help=False).parse_known_args(argv)[0].preset
+    cfg = config_from_args(TrainConfig, _train_parser(preset).parse_args(argv))
     result = train(cfg)
     if result:
-        print(json.dumps({k: v for k, v in result.items() if k != "samples"} | {"samples": result.get("samples")},
-                         indent=1))
+        print(format_summary(result))
     return 0
 
 
@@ -55,23 +46,29 @@ def sample_main(argv: list[str]) -> int:
     from dsv.parallel.runtime import resolve_device
     from dsv.sample import load_for_sampling, sample_videos
 
-    parser = argparse.ArgumentParser(prog="dsv sample", description="Sample videos from a checkpoint.")
-    parser.add_argument("--ckpt", required=True, type=Path, help="a single-process checkpoint file (.pt)")
+    parser = Parser(prog="dsv sample", description="Sample videos from a checkpoint.")
+    parser.add_argument("--ckpt", required=True, type=Path,
+                        help="a checkpoint: a single-process file (.pt) or an FSDP checkpoint directory")
     parser.add_argument("--num", type=int, default=16, help="number of videos")
     parser.add_argument("--steps", type=int, default=50, help="Euler steps")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to sample")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default: <run>/samples/sample)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar over the Euler steps")
     args = parser.parse_args(argv)
+    for flag, value in (("--num", args.num), ("--steps", args.steps)):
+        if value < 1:
+            parser.error(f"{flag} {value}: must be >= 1")
     device = resolve_device(args.device)
     model, config = load_for_sampling(args.ckpt, device, ema=not args.raw_weights)
     d = config["data"]
     dtype = torch.bfloat16 if device.type == "cuda" else None
     videos = sample_videos(model, model.cfg, (d["channels"], d["frames"], d["height"], d["width"]), args.num,
                            steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, device=device,
-                           autocast_dtype=dtype)
+                           autocast_dtype=dtype, progress=args.progress)
     out = args.out or args.ckpt.parent.parent / "samples" / "sample"
     out.parent.mkdir(parents=True, exist_ok=True)
     for path in save_video_grid(videos.float().cpu(), out):

@@ -38,9 +38,19 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint, so the file stays one run."""
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """A resumed run rewrites the steps after its checkpoint, so the file stays one run. A half-written
+        last line (what kill -9 during a write leaves) is dropped with a warning."""
+        lines = [line for line in self.path.read_text().splitlines() if line]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append((json.loads(line)["step"], line))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if number < len(lines):
+                    raise ValueError(f"{self.path} line {number} is not a metrics record ({e}); "
+                                     "repair or remove that line, then resume") from e
+                warnings.warn(f"{self.path}: dropped its half-written last line {line[:40]!r}...", stacklevel=3)
+        self.path.write_text("".join(line + "\n" for logged, line in records if logged <= step))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -9,10 +9,10 @@ Writes into the run directory:
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from dsv.metrics import read_metrics
+from torchkit.cli import Parser
 
 
 def _pyplot():
@@ -105,10 +105,13 @@ def write_report(run_dir: Path, baseline: Path | None = None) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dsv report", description="Figures of a DSV run (see dsv/report.py).")
+    parser = Parser(prog="dsv report", description="Figures of a DSV run (see dsv/report.py).")
     parser.add_argument("run_dir", type=Path, help="runs/<name> of a --sparse dsv run")
     parser.add_argument("--baseline", type=Path, default=None, help="runs/<name> of the dense run to compare with")
     args = parser.parse_args(argv)
+    for run in filter(None, (args.run_dir, args.baseline)):
+        if not (run / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{run} is not a run directory (it has no metrics.jsonl)")
     for path in write_report(args.run_dir, args.baseline):
         print(path)
     return 0

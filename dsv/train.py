@@ -12,92 +12,33 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from dsv.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from torchkit.cli import Failure
-from torchkit.config_cli import config_to_dict
-from dsv.data import BatchStream, DataConfig, build_dataset, validation_batches
+from dsv.checkpoint import CheckpointError, complete_checkpoints, find_checkpoint, load_checkpoint, save_checkpoint
+from dsv.data import BatchStream, build_dataset, validation_batches
 from dsv.flow import flow_matching_loss, logit_normal_timesteps
 from dsv.metrics import MetricsLogger, peak_flops, plot_loss_curve
-from dsv.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, train_flops
+from dsv.models.dit import VideoDiT, train_flops
 from dsv.parallel.hybrid import ContextParallelAttention
 from dsv.parallel.mesh import build_parallel_mesh
 from dsv.parallel.parallelize import parallelize
 from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
-from dsv.parallel.runtime import (DEFAULT_TIMEOUT_S, Runtime, all_reduce_mean, barrier, collective_timeout_errors,
+from dsv.parallel.runtime import (Runtime, all_reduce_mean, barrier, collective_timeout_errors,
                                   init_runtime, shutdown)
 from dsv.sample import write_samples
 from dsv.sparse import DSVAttention, SparseConfig
+from dsv.train_config import OptimConfig, TrainConfig, check_same_dataset, resume_changes
 from dsv.train_state import TrainState
+from torchkit.cli import Failure, UsageError
+from torchkit.config_cli import config_to_dict
 
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate of AdamW"})
-    betas: tuple[float, float] = field(default=(0.9, 0.99), metadata={"help": "AdamW betas"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps from 0 to lr"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * min_lr_ratio"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
-    ema_decay: float = field(default=0.999, metadata={
-        "help": "EMA of the weights used for sampling; the decay warms up as (1 + step) / (10 + step)"})
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    preset: str = field(default="tiny", metadata={"help": f"model preset, one of {list(DIT_PRESETS)}; "
-                                                          "--model.* flags override its fields"})
-    model: DiTConfig = field(default_factory=DIT_PRESETS["tiny"], metadata={"help": "model shape"})
-    data: DataConfig = field(default_factory=lambda: DataConfig(channels=3), metadata={"help": "training videos"})
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimiser and schedule"})
-    sparse: SparseConfig = field(default_factory=SparseConfig, metadata={
-        "help": "DSV sparse attention (--sparse dsv) or the dense baseline (--sparse none)"})
-    run_name: str = field(default="dev", metadata={"help": "the run directory is <out-dir>/<run-name>"})
-    out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
-    steps: int = field(default=200, metadata={"help": "optimiser steps to train for"})
-    batch_size: int = field(default=8, metadata={"help": "global batch (videos per step, all ranks together)"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation, noise and timesteps"})
-    class_conditional: bool = field(default=True, metadata={
-        "help": "condition on the dataset's class labels (sets model.num_classes from the dataset)"})
-    class_dropout: float = field(default=0.1, metadata={
-        "help": "probability of training a sample with the null label (classifier-free guidance)"})
-    cp_heads: int = field(default=1, metadata={
-        "help": "context-parallel ranks that split the heads (all-to-all; heads assigned by cost)"})
-    cp_seq: int = field(default=1, metadata={
-        "help": "context-parallel ranks that split the sequence (KV exchange); data parallel = world / (cp_heads*cp_seq)"})
-    cp: Literal["manual", "auto"] = field(default="manual", metadata={
-        "help": "auto: the planner chooses cp_heads x cp_seq over all ranks from the cluster's costs"})
-    cp_heads_inner: bool = field(default=True, metadata={
-        "help": "keep the head group on consecutive ranks (one node); --no-cp-heads-inner keeps the sequence group there"})
-    cluster: str = field(default="dgx_h200", metadata={"help": "echosim cluster (name or JSON) the cp planner costs"})
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "where to train"})
-    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
-        "help": "auto = bf16 autocast on CUDA, fp32 on CPU"})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile every DiT block"})
-    log_every: int = field(default=10, metadata={"help": "steps between metrics records"})
-    val_every: int = field(default=100, metadata={"help": "steps between validation losses (0 = only at the end)"})
-    val_batches: int = field(default=2, metadata={"help": "held-out batches per validation"})
-    ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    sample_every: int = field(default=0, metadata={"help": "steps between sample grids (0 = only at the end)"})
-    num_samples: int = field(default=8, metadata={"help": "videos in a sample grid"})
-    sample_steps: int = field(default=25, metadata={"help": "Euler steps of the sampler"})
-    cfg_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance scale of samples"})
-    resume: str | None = field(default=None, metadata={
-        "help": "'auto' = the run directory's latest checkpoint, or a checkpoint path"})
-    tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard events to <run>/tb"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar on rank 0"})
-    dist_timeout_s: float = field(default=DEFAULT_TIMEOUT_S, metadata={
-        "help": "seconds a collective waits for the other ranks before this rank stops with an error naming it"})
+__all__ = ["OptimConfig", "TrainConfig", "Trainer", "train", "format_summary"]
 
 
 class NonFiniteLossError(Failure):
@@ -105,7 +46,7 @@ class NonFiniteLossError(Failure):
 
 
 def _validate(cfg: TrainConfig, runtime: Runtime) -> None:
-    """Stop before any work, naming the field and the fix."""
+    """The checks that need the world size (cfg.validate() did the others), naming the field and the fix."""
     cp = cfg.cp_heads * cfg.cp_seq
     if runtime.world_size % cp:
         raise ValueError(f"world size {runtime.world_size} is not a multiple of cp_heads x cp_seq = {cp}: "
@@ -115,15 +56,6 @@ def _validate(cfg: TrainConfig, runtime: Runtime) -> None:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the world size {runtime.world_size}"
                          + (f" / context-parallel {cp} = {dp} data-parallel ranks" if cp > 1 else "")
                          + f": use a multiple of {dp}")
-    if cfg.steps < 1:
-        raise ValueError(f"steps={cfg.steps}: must be >= 1")
-    if cfg.data.channels != cfg.model.in_channels:
-        raise ValueError(f"data.channels={cfg.data.channels} but model.in_channels={cfg.model.in_channels}: "
-                         "set --model.in-channels to the data's channels")
-    if not 0.0 <= cfg.class_dropout < 1.0:
-        raise ValueError(f"class_dropout={cfg.class_dropout}: must be in [0, 1)")
-    cfg.model.validate()
-    cfg.model.check_input(cfg.data.frames, cfg.data.height, cfg.data.width)
 
 
 def _plan_context_parallel(cfg: TrainConfig, runtime: Runtime) -> TrainConfig:
@@ -156,6 +88,7 @@ def _lr_lambda(cfg: TrainConfig):
 class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: Runtime):
         self.runtime = runtime
+        cfg.validate()  # the cheap checks first: the dataset may take a while to index
         dataset = build_dataset(cfg.data)
         classes = dataset.num_classes if cfg.class_conditional else 0
         if cfg.model.num_classes not in (0, classes):
@@ -210,27 +143,30 @@ class Trainer:
 
     def meta(self) -> dict[str, Any]:
         return {"step": self.step, "config": config_to_dict(self.cfg), "scheduler": self.scheduler.state_dict(),
-                "data": self.stream.state_dict(),
+                "data": self.stream.state_dict(), "dataset": self.dataset_fingerprint(),
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "sparse": self.sparse.state_dict() if self.sparse else None}
+
+    def dataset_fingerprint(self) -> dict[str, int]:
+        return {"videos": len(self.dataset), "classes": self.dataset.num_classes}
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir / "ckpt", self.step, self.state, self.meta(), self.runtime,
                                keep=self.cfg.keep_checkpoints)
 
-    def resume(self, spec: str) -> None:
+    def resume(self, spec: str) -> tuple[Path, dict[str, list]]:
+        """Continue from a checkpoint; returns it and the fields this run changes ({name: [was, now]})."""
         path = find_checkpoint(spec, self.run_dir)
-        meta = load_checkpoint(path, self.state, self.runtime)
-        saved_model = meta["config"]["model"]
-        if saved_model != config_to_dict(self.cfg.model):
-            raise CheckpointError(f"{path} was written by a different model config: {saved_model}")
+        changes: dict[str, list] = {}
+
+        def check(meta: dict[str, Any]) -> None:
+            changes.update(resume_changes(meta["config"], config_to_dict(self.cfg), path))
+            check_same_dataset(meta.get("dataset"), self.dataset_fingerprint(), path)
+
+        meta = load_checkpoint(path, self.state, self.runtime, check_meta=check)
         self.step = meta["step"]
         self.scheduler.load_state_dict(meta["scheduler"])
-        # The schedule follows this run's --steps, so a run extended on resume decays to its new end.
-        factor = _lr_lambda(self.cfg)(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self._apply_optim_config()
         self.stream.load_state_dict(meta["data"])
         self.generator.set_state(meta["generator"])
         torch.set_rng_state(meta["torch_rng"])
@@ -239,6 +175,18 @@ class Trainer:
                 raise CheckpointError(f"{path} holds no DSV state: resume it with --sparse none")
             _check_predictors_match(path, meta["config"].get("sparse", {}), self.cfg.sparse)
             self.sparse.load_state_dict(meta["sparse"])
+        return path, changes
+
+    def _apply_optim_config(self) -> None:
+        """The restored optimizer and schedule carry the checkpoint's lr, betas and weight decay: this
+        run's --optim.* replace them. The schedule follows this run's --steps and warm-up, so a run
+        extended on resume decays to its new end."""
+        o = self.cfg.optim
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        factor = _lr_lambda(self.cfg)(self.step)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=o.lr, lr=o.lr * factor, betas=o.betas, weight_decay=o.weight_decay)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------ one step
 
@@ -273,8 +221,8 @@ class Trainer:
         if not (math.isfinite(global_loss) and math.isfinite(grad_norm.item())):
             raise NonFiniteLossError(
                 f"non-finite loss {global_loss} / grad norm {grad_norm.item()} at step {self.step + 1}; stopping. "
-                f"The last good checkpoint in {self.run_dir / 'ckpt'} is kept: lower --optim.lr or enable "
-                "--optim.grad-clip, then --resume auto")
+                f"The last good checkpoint in {self.run_dir / 'ckpt'} is kept: continue with --resume auto "
+                "and a lower --optim.lr (or --optim.grad-clip)")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -318,7 +266,9 @@ def _check_predictors_match(path: Path, saved: dict, cfg: SparseConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the final record (loss, val_loss, paths)."""
+    """Run (or resume) a training run; returns the final record (loss, val_loss, ...) and where the
+    run's files are (run_dir, checkpoint, metrics, loss_curve, samples) on rank 0, {} on the others."""
+    cfg.validate()
     runtime = init_runtime(cfg.device, timeout_s=cfg.dist_timeout_s)
     try:
         with collective_timeout_errors(runtime, flag="--dist-timeout-s"):
@@ -327,23 +277,62 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         shutdown(runtime)
 
 
+def _check_run_folder(cfg: TrainConfig, run_dir: Path) -> None:
+    """Nothing overwrites a run: a fresh start, or a continuation of another run's checkpoint, needs a
+    run folder without checkpoints or metrics."""
+    if cfg.resume == "auto":
+        return
+    if cfg.resume and Path(cfg.resume).resolve().parent == (run_dir / "ckpt").resolve():
+        return
+    held = complete_checkpoints(run_dir / "ckpt") or (run_dir / "ckpt" / "latest").exists()
+    metrics = run_dir / "metrics.jsonl"
+    if held or (metrics.exists() and metrics.stat().st_size):
+        what = "checkpoints" if held else "metrics"
+        start = f"continuing {cfg.resume} here" if cfg.resume else "a fresh start"
+        raise UsageError(f"{run_dir} already holds a run ({what}), which {start} would overwrite: continue it "
+                         "with --resume auto, or choose another --run-name")
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, resumed: tuple[Path, dict[str, list]] | None,
+                  step: int) -> None:
+    """config.json is this run's config; each resume appends to its `resume_history` the step, the
+    checkpoint and the fields it changed ({name: [was, now]}), so the original values stay readable."""
+    path = run_dir / "config.json"
+    history: list[dict[str, Any]] = []
+    if resumed is not None and path.exists():
+        try:
+            history = json.loads(path.read_text()).get("resume_history", [])
+        except json.JSONDecodeError:
+            history = []  # a config.json cut short by a crash: the checkpoint holds the config
+    if resumed is not None:
+        checkpoint, changes = resumed
+        history.append({"step": step, "checkpoint": str(checkpoint), "changed": changes})
+    record = config_to_dict(cfg) | ({"resume_history": history} if history else {})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
+    _check_run_folder(cfg, Path(cfg.out_dir) / cfg.run_name)
     trainer = Trainer(cfg, runtime)
     cfg, run_dir = trainer.cfg, trainer.run_dir
-    if cfg.resume:
-        trainer.resume(cfg.resume)
-    elif (run_dir / "ckpt" / "latest").exists():
-        raise CheckpointError(f"{run_dir} already holds checkpoints: continue it with --resume auto, "
-                              "or choose a new --run-name (nothing is overwritten)")
+    resumed = trainer.resume(cfg.resume) if cfg.resume else None
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        _write_config(run_dir, cfg, resumed, trainer.step)
+        if resumed:
+            checkpoint, changes = resumed
+            changed = "".join(f"; {name} {was!r} -> {now!r}" for name, (was, now) in changes.items())
+            print(f"resumed from step {trainer.step} ({checkpoint}){changed}", flush=True)
     barrier(runtime)
     logger = MetricsLogger(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard, resume_step=trainer.step)
     bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not (cfg.progress and runtime.is_main),
                dynamic_ncols=True, desc=cfg.run_name)
     last: dict[str, Any] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    first_step, checkpoint = trainer.step, resumed[0] if resumed else None
+    start = window_start = time.perf_counter()
+    window_steps = 0
     try:
         batches = iter(trainer.stream)
         while trainer.step < cfg.steps:
@@ -367,14 +356,32 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-                trainer.save()
+                checkpoint = trainer.save()
             if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
                 write_samples(trainer, run_dir / "samples" / f"step_{step:06d}")
     finally:
         bar.close()
         logger.close()
-    last["samples"] = [str(p) for p in write_samples(trainer, run_dir / "samples" / f"step_{trainer.step:06d}")]
-    if runtime.is_main:
-        curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        last["loss_curve"] = str(curve) if curve else None
-    return last
+    elapsed = time.perf_counter() - start
+    samples = write_samples(trainer, run_dir / "samples" / f"step_{trainer.step:06d}")
+    if not runtime.is_main:
+        return {}
+    curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    done = trainer.step - first_step
+    return {"step": trainer.step} | last | {"run_dir": str(run_dir), "steps_trained": done, "steps_per_s": done / elapsed if done else None,
+                   "checkpoint": str(checkpoint) if checkpoint else None, "metrics": str(logger.path),
+                   "loss_curve": str(curve) if curve else None, "samples": [str(p) for p in samples]}
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A few lines for a person at the end of `dsv train`: what was trained, how fast, and where it is."""
+    trained = result["steps_trained"]
+    speed = f" in {trained / result['steps_per_s']:.1f} s ({result['steps_per_s']:.3g} steps/s)" if trained else ""
+    head = f"trained {trained} step{'' if trained == 1 else 's'}{speed}, to step {result['step']}"
+    if "loss" in result:
+        head += f"; final loss {result['loss']:.4f}"
+    if "val_loss" in result:
+        head += f", validation loss {result['val_loss']:.4f}"
+    rows = [("checkpoint", result["checkpoint"]), ("metrics", result["metrics"]), ("loss curve", result["loss_curve"]),
+            ("samples", ", ".join(result["samples"]))]
+    return "\n".join([head] + [f"  {name:<11} {value}" for name, value in rows if value])

@@ -2,7 +2,10 @@
 
 Every field of a config dataclass becomes a flag; nested dataclasses become dotted
 groups (`--optim.lr 3e-4`, `--data.frames 16`). Help text comes from each field's
-`metadata={"help": ...}`; a field without help is a programming error.
+`metadata={"help": ...}`; a field without help is a programming error. A field whose values
+are the keys of a registry (presets) names them with `metadata={"choices": [...]}`. A nested
+config typed `X | None` is filled in by its parent's `__post_init__` (e.g. from a preset), so
+its flags take their defaults from the parent's default instance.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any, f
         raise TypeError(f"config field {flag!r} has no help text (field(metadata={{'help': ...}}))")
     tp, optional = _unwrap_optional(tp)
     kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default!r})", "dest": flag}
+    if "choices" in f.metadata:
+        kwargs["choices"] = list(f.metadata["choices"])
     origin = typing.get_origin(tp)
     if tp is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -66,7 +71,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        tp, value = hints[f.name], getattr(defaults, f.name)
+        tp, value = _unwrap_optional(hints[f.name])[0], getattr(defaults, f.name)
         flag = f"{prefix}{f.name.replace('_', '-')}"
         if _is_dataclass_type(tp):
             group = parser.add_argument_group(f"{flag} options", f.metadata.get("help"))
@@ -84,8 +89,9 @@ def config_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "") -
         if not f.init:
             continue
         flag = f"{prefix}{f.name.replace('_', '-')}"
-        if _is_dataclass_type(hints[f.name]):
-            values[f.name] = config_from_args(hints[f.name], args, prefix=f"{flag}.")
+        tp, _ = _unwrap_optional(hints[f.name])
+        if _is_dataclass_type(tp):
+            values[f.name] = config_from_args(tp, args, prefix=f"{flag}.")
         else:
             value = namespace[flag]
             values[f.name] = tuple(value) if isinstance(value, list) else value
@@ -94,6 +100,27 @@ def config_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "") -
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: one entry per leaf field, named as in the CLI's groups."""
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{name}.")
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def as_flag(name: str, value: Any) -> str:
+    """The command-line form of setting a (flattened) field: ("optim.warmup_steps", 5) -> "--optim.warmup-steps 5"."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"  # argparse.BooleanOptionalAction's negative form
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {' '.join(str(v) for v in value)}"
+    return f"{flag} {'none' if value is None else value}"
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:

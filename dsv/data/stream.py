@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -70,6 +71,25 @@ class StepBatches(torch.utils.data.Dataset):
         return collate([self.dataset[i] for i in self.indices(step)])
 
 
+@dataclass(frozen=True)
+class WorkerError:
+    """What a worker could not load (a corrupt video, ...), sent back as a value: the DataLoader would
+    re-raise the exception with the worker's whole traceback in its message."""
+
+    message: str
+
+
+class _ReportedErrors(torch.utils.data.Dataset):
+    def __init__(self, batches: StepBatches):
+        self.batches = batches
+
+    def __getitem__(self, step: int) -> Batch | WorkerError:
+        try:
+            return self.batches[step]
+        except (ValueError, OSError, ImportError) as e:  # bad input: the message names the file
+            return WorkerError(str(e))
+
+
 class BatchStream:
     """Endless iterator over per-rank batches, starting at `step`; see the module docstring."""
 
@@ -83,9 +103,12 @@ class BatchStream:
         return self.batches[step]
 
     def __iter__(self) -> Iterator[Batch]:
-        loader = torch.utils.data.DataLoader(self.batches, batch_size=None, sampler=itertools.count(self.step),
+        batches = self.batches if self.num_workers == 0 else _ReportedErrors(self.batches)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(self.step),
                                              num_workers=self.num_workers)
         for batch in loader:
+            if isinstance(batch, WorkerError):
+                raise ValueError(f"{batch.message} (in a data-loader worker, the batch of step {self.step})")
             self.step += 1
             yield batch
 

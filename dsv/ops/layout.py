@@ -28,6 +28,8 @@ from math import prod
 import torch
 from torch import Tensor
 
+BLOCK_SIZE = 64  # tokens per attention block by default: one cube of the default (4, 4, 4) layout
+
 Dims = tuple[int, int, int]
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsv.ops.block_index import BlockIndex
+from dsv.ops.layout import BLOCK_SIZE
 from dsv.ops.sparse_attention import sparse_attention_index
 from dsv.parallel.head_parallel import (HeadAssignment, assign_heads, check_heads_fit, even_assignment,
                                         gather_heads, scatter_heads)
@@ -58,7 +59,7 @@ class ContextParallelAttention:
     """Attention backend over the (head, sequence) grid of `mesh`; q, k, v are this rank's S/g tokens."""
 
     def __init__(self, mesh: ParallelMesh, *, heads: int, selector: Selector | None = None,
-                 features: Features | None = None, block_size: int = 64, kernel_backend: str = "auto"):
+                 features: Features | None = None, block_size: int = BLOCK_SIZE, kernel_backend: str = "auto"):
         check_heads_fit(heads, mesh.cp_heads)
         self.mesh, self.heads, self.block_size = mesh, heads, block_size
         self.selector, self.features, self.kernel_backend = selector, features, kernel_backend

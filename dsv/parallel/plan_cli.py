@@ -8,13 +8,14 @@ exchange) and the chosen plan as `--cp-heads G_H --cp-seq G_S` flags.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torchkit.config_cli import add_config_arguments, config_from_args
+from dsv.ops.layout import BLOCK_SIZE
 from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
+from torchkit.cli import Parser, UsageError
+from torchkit.config_cli import add_config_arguments, as_flag, config_from_args
 
 
 @dataclass(kw_only=True)
@@ -30,8 +31,8 @@ class PlanConfig:
         "help": "JSON sparsity profile, (layers, heads) list or {'sparsity': [...]}; empty: --sparsity"})
     sparsity: float = field(default=0.9, metadata={"help": "sparsity of every head without --profile"})
     dense_heads: int = field(default=0, metadata={"help": "without --profile: this many heads per layer are dense"})
-    block_size: int = field(default=64, metadata={"help": "attention block (tokens)"})
-    kv_union: float = field(default=4.0, metadata={
+    block_size: int = field(default=BLOCK_SIZE, metadata={"help": "attention block (tokens)"})
+    kv_union: float = field(default=Workload.kv_union, metadata={
         "help": "remote KV fetched by a rank, as a multiple of one query block's selection (measured by "
                 "benchmarks/context_parallel.py)"})
     dense_tflops: float = field(default=0.0, metadata={"help": "measured dense attention TFLOP/s (0: GPU profile)"})
@@ -51,10 +52,24 @@ def load_sparsity(cfg: PlanConfig) -> list[list[float]]:
     return rows
 
 
+def check(cfg: PlanConfig) -> PlanConfig:
+    """Raise UsageError naming the flag; returns cfg."""
+    for name in ("heads", "head_dim", "layers", "seq_len", "batch", "gpus", "block_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"{as_flag(name, getattr(cfg, name))}: must be >= 1")
+    for name, ok, bounds in (("sparsity", 0 <= cfg.sparsity <= 1, "in [0, 1]"),
+                             ("dense_heads", 0 <= cfg.dense_heads <= cfg.heads, f"in [0, --heads {cfg.heads}]"),
+                             ("kv_union", cfg.kv_union >= 0, ">= 0"), ("dense_tflops", cfg.dense_tflops >= 0, ">= 0"),
+                             ("sparse_tflops", cfg.sparse_tflops >= 0, ">= 0")):
+        if not ok:
+            raise UsageError(f"{as_flag(name, getattr(cfg, name))}: must be {bounds}")
+    return cfg
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dsv plan", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="dsv plan", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, PlanConfig)
-    cfg = config_from_args(PlanConfig, parser.parse_args(argv))
+    cfg = check(config_from_args(PlanConfig, parser.parse_args(argv)))
     density = [[1.0 - s for s in row] for row in load_sparsity(cfg)]
     work = Workload(heads=cfg.heads, head_dim=cfg.head_dim, seq_len=cfg.seq_len, density=density, batch=cfg.batch,
                     block_size=cfg.block_size, kv_union=cfg.kv_union)

@@ -28,6 +28,7 @@ from echosim.costs import CollectiveCall
 from echosim.hw import Cluster, load_cluster
 from echosim.simulator import build
 
+from dsv.ops.layout import BLOCK_SIZE
 from dsv.parallel.head_parallel import assign_heads, check_heads_fit, even_assignment
 from dsv.parallel.seq_parallel import check_sequence_fits
 
@@ -41,7 +42,7 @@ class Workload:
     seq_len: int
     density: list[list[float]]  # (layers, heads): cost = 1 - sparsity
     batch: int = 1
-    block_size: int = 64
+    block_size: int = BLOCK_SIZE
     dtype_bytes: int = 2
     feature_dim: int = 32  # fp32 predictor features per token and head (q~ and k~ of rank 16)
     kv_union: float = 4.0  # remote KV a rank fetches, as a multiple of one query block's selection

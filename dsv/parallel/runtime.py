@@ -44,7 +44,7 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+        raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
     return torch.device(requested)
 
 

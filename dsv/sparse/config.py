@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dsv.ops.layout import BLOCK_SIZE
+
 
 @dataclass(kw_only=True)
 class SparseConfig:
     mode: Literal["none", "dsv"] = field(default="none", metadata={
         "help": "'none' = dense attention (the baseline); 'dsv' = predictors, profiler, two-stage schedule"})
-    block_size: int = field(default=64, metadata={
+    block_size: int = field(default=BLOCK_SIZE, metadata={
         "help": "tokens per query/KV block of the sparse kernel (one 4x4x4 cube of the default token layout)"})
     # -- predictor
     rank: int = field(default=16, metadata={"help": "low-rank dimension of the predictor's q~, k~ per head"})

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dsv.ops.block_select import select_blocks
+from dsv.ops.layout import BLOCK_SIZE
 from dsv.ops.sparse_attention import sparse_attention_index
 from dsv.sparse.dispatch import DispatchTable
 
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> int:
                         help="kept-block densities")
     parser.add_argument("--heads", type=int, default=16, help="attention heads")
     parser.add_argument("--head-dim", type=int, default=128, help="head dimension")
-    parser.add_argument("--block-size", type=int, default=64, help="the sparse kernel's block size")
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="the sparse kernel's block size")
     parser.add_argument("--rank", type=int, default=16, help="predictor rank")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per point")
     args = parser.parse_args(argv)

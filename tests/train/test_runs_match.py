@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from dsv.sample import load_for_sampling
 from tests.train.helpers import run_train
 
 
@@ -27,6 +28,10 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
         torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     for name, value in want["ema"].items():
         torch.testing.assert_close(got["ema"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    # `dsv sample` reads the sharded directory directly: the gathered EMA weights of the conversion above
+    model, _ = load_for_sampling(tmp_path / "fsdp/ckpt/step_000000004", torch.device("cpu"))
+    for name, value in model.named_parameters():
+        assert torch.equal(value.detach(), got["ema"][name]), name
 
 
 @pytest.mark.slow
