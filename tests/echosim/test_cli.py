@@ -13,13 +13,6 @@ from echosim.hw import HW_DIR, load_cluster
 from echosim.hw.calibrate_nccl import fit_cluster, fit_ring
 
 
-@pytest.fixture(autouse=True)
-def user_folder(tmp_path, monkeypatch):
-    """An empty user folder: no calibration of this machine changes the tests' numbers."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    return tmp_path / "config" / "echosim"
-
-
 def write_traces(folder, world=8):
     nodes = [Node(id=0, kind="COMP", name="aten.mm", stream="compute", duration_us=100.0),
              Node(id=1, kind="COMM_COLL", name="all_reduce", stream="rs", deps=[0], group="dp", bytes=2**30)]

@@ -7,11 +7,6 @@ from echosim.hw import HW_DIR, Cluster, Protocol, load_cluster, load_gpu, locate
 from echosim.overlap import ConstantSlowdown, load_overlap
 
 
-@pytest.fixture(autouse=True)
-def empty_user_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-
-
 def shipped(name: str) -> dict:
     return json.loads((HW_DIR / f"{name}.json").read_text())
 
@@ -159,12 +154,11 @@ def test_relative_gpu_path_is_resolved_from_the_cluster_files_folder(tmp_path, m
         load_cluster(missing)
 
 
-def test_a_name_is_found_in_the_user_folder_before_the_shipped_files(tmp_path):
+def test_a_name_is_found_in_the_user_folder_before_the_shipped_files(user_folder):
     assert locate("dgx_h200", "cluster") == HW_DIR / "dgx_h200.json"
-    folder = tmp_path / "config" / "echosim"
-    folder.mkdir(parents=True)
-    written(folder, edited(shipped("dgx_h200"), "collective_host_us", 123.0), "dgx_h200.json")
-    assert locate("dgx_h200", "cluster") == folder / "dgx_h200.json"
+    user_folder.mkdir(parents=True)
+    written(user_folder, edited(shipped("dgx_h200"), "collective_host_us", 123.0), "dgx_h200.json")
+    assert locate("dgx_h200", "cluster") == user_folder / "dgx_h200.json"
     assert load_cluster("dgx_h200").collective_host_us == 123.0
-    with pytest.raises(FileNotFoundError, match=f"no cluster 'dgx_z9': not a file, not in {folder}, and not one"):
+    with pytest.raises(FileNotFoundError, match=f"no cluster 'dgx_z9': not a file, not in {user_folder}, and not one"):
         load_cluster("dgx_z9")
