@@ -12,6 +12,10 @@
     echosim sweep --model gpt-175b --gpus 1024 --cluster dgx_h100 --global-batch 1536
     echosim calibrate --overlap --gpu h100            # on a node with >= 2 GPUs
     echosim calibrate --host --cluster dgx_h200 --gpus 2   # a real collective's extra host time
+
+Without --cluster every command uses dgx_h200 (measured on H200s). `calibrate` writes into the
+user's folder ($XDG_CONFIG_HOME/echosim, else ~/.config/echosim) or --out; names are looked up
+there before the shipped files, and simulate and sweep say which files they used.
 """
 from __future__ import annotations
 
@@ -23,106 +27,202 @@ from dataclasses import asdict, fields, replace
 from math import prod
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from echosim.gpt3d import GPTJob, gpt_traces
 from echosim.graph import load_trace
-from echosim.hw import HW_DIR, load_cluster, load_gpu
+from echosim.hw import DEFAULT_CLUSTER, load_cluster, load_gpu, user_hw_dir
 from echosim.overlap import load_overlap
-from echosim.report import format_summary, write_outputs
+from echosim.report import (format_files, format_hardware, format_outputs, format_summary, parse_trace_ranks,
+                            write_outputs)
 from echosim.simulator import build
 from echosim.trace import trace_roles
-from echosim.trace.dit import DiTWorkload
-from torchkit.cli import Parser, run_commands
+from echosim.trace.dit import DIT_PRESETS, DTYPES, DiTWorkload
+from echosim.trace.gpt import GPT_PRESETS
+from torchkit.cli import Parser, UsageError, run_commands
+from torchkit.config_cli import add_config_arguments, config_from_args
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per field, with the field's help text and default."""
-    for f in fields(cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+def _positive(config):
+    """`config` if every number in it (sizes, counts, degrees) is positive, else a UsageError naming the flag."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+            bound = ">= 1" if isinstance(value, int) else "> 0"
+            raise UsageError(f"--{f.name.replace('_', '-')} must be {bound} ({f.metadata['help']}), got {value}")
+    return config
 
 
-def _dataclass_from(args: argparse.Namespace, cls):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+def _one_of(flag: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"--{flag} {value!r} is not one of {', '.join(choices)}")
 
 
-def _parse_mesh(text: str) -> dict[str, int]:
-    return {name: int(size) for name, size in (part.split("=") for part in text.split(","))}
-
-
-def _traces(args: argparse.Namespace) -> list:
-    """Traces from --traces DIR, from a user --step factory, or of the DiT workload."""
-    if args.traces:
-        return [load_trace(p) for p in sorted(Path(args.traces).glob("trace_rank*.json"))]
-    if args.gpt:
-        return gpt_traces(_gpt_job(args))
-    if args.step:
-        module, func = args.step.split(":")
-        mesh = _parse_mesh(args.mesh)
-        ranks = list(range(prod(mesh.values())))
-        roles = [[r] for r in ranks] if args.trace_every_rank else [ranks]
-        return trace_roles(getattr(importlib.import_module(module), func), mesh_shape=mesh, roles=roles,
-                           meta={"step": args.step})
-    workload = _dataclass_from(args, DiTWorkload)
-    return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(args.fsdp),
-                       roles=workload.roles(args.fsdp), meta={"workload": "dit", **asdict(workload), "fsdp": args.fsdp})
+def _dit_workload(args: argparse.Namespace) -> DiTWorkload:
+    workload = _positive(config_from_args(DiTWorkload, args))
+    _one_of("preset", workload.preset, DIT_PRESETS)
+    _one_of("dtype", workload.dtype, DTYPES)
+    if workload.density > 1:
+        raise UsageError(f"--density must be in (0, 1] (fraction of key blocks computed), got {workload.density}")
+    return workload
 
 
 def _gpt_job(args: argparse.Namespace) -> GPTJob:
-    return GPTJob(**{f.name: getattr(args, f"gpt_{f.name}") for f in fields(GPTJob)})
+    job = _positive(config_from_args(GPTJob, args))
+    _one_of("model", job.model, GPT_PRESETS)
+    return job
 
 
-def add_gpt_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --tp, --pp, ... of a GPTJob (stored as gpt_<field>; booleans take 0 or 1)."""
-    for f in fields(GPTJob):
-        kind = (lambda text: bool(int(text))) if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"gpt_{f.name}", type=kind, default=f.default,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+def _parse_mesh(text: str) -> dict[str, int]:
+    """"dp=2,tp=4" -> {"dp": 2, "tp": 4}."""
+    mesh = {}
+    for part in text.split(","):
+        name, sep, size = (s.strip() for s in part.partition("="))
+        if not sep or not name.isidentifier() or not size.isdigit() or int(size) < 1 or name in mesh:
+            raise UsageError(f"--mesh {text!r}: expected distinct NAME=SIZE pairs with sizes >= 1, e.g. dp=2,tp=4")
+        mesh[name] = int(size)
+    return mesh
+
+
+def _step_factory(spec: str):
+    """The function `module:function` of --step names."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise UsageError(f"--step {spec!r}: expected module:function, e.g. mypkg.train:make_step")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module_name + ".").startswith(err.name + "."):
+            raise  # the module exists; something it imports does not
+        raise UsageError(f"--step {spec}: no module named {err.name!r} (run from the folder that holds it, "
+                         f"or put it on PYTHONPATH)") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise UsageError(f"--step {spec}: module {module_name} has no function {func_name!r}")
+    return factory
+
+
+def _load_traces(folder: str) -> list:
+    if not Path(folder).is_dir():
+        raise UsageError(f"--traces {folder}: no such directory (echosim trace --out DIR writes one)")
+    files = sorted(Path(folder).glob("trace_rank*.json"))
+    if not files:
+        raise UsageError(f"--traces {folder} holds no trace_rank*.json files (echosim trace --out {folder} "
+                         f"writes them)")
+    return [load_trace(p) for p in files]
+
+
+def _traces(args: argparse.Namespace) -> list:
+    """Traces from --traces DIR, of the --gpt job, from a user --step factory, or of the DiT workload."""
+    if args.traces:
+        return _load_traces(args.traces)
+    if args.gpt:
+        return gpt_traces(_gpt_job(args))
+    if args.step:
+        mesh, factory = _parse_mesh(args.mesh), _step_factory(args.step)
+        ranks = list(range(prod(mesh.values())))
+        roles = [[r] for r in ranks] if args.trace_every_rank else [ranks]
+        return trace_roles(factory, mesh_shape=mesh, roles=roles, meta={"step": args.step})
+    workload = _dit_workload(args)
+    if args.fsdp < 1:
+        raise UsageError(f"--fsdp must be >= 1 (the DiT workload's world size), got {args.fsdp}")
+    return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(args.fsdp),
+                       roles=workload.roles(args.fsdp), meta={"workload": "dit", **asdict(workload), "fsdp": args.fsdp})
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from echosim.sweep import format_sweep, sweep
 
-    rows = sweep(_gpt_job(args), args.gpus, load_cluster(args.cluster), max_tp=args.max_tp)
-    print(format_sweep(rows))
+    if args.gpus < 1:
+        raise UsageError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.max_tp < 0:
+        raise UsageError(f"--max-tp must be >= 0 (0: GPUs per node), got {args.max_tp}")
+    job, cluster = _gpt_job(args), load_cluster(args.cluster)
+    print(format_hardware(args.cluster))
+
+    def bar(jobs):
+        return tqdm(jobs, desc="sweep", unit="config", file=sys.stderr, disable=not args.progress)
+
+    print(format_sweep(sweep(job, args.gpus, cluster, max_tp=args.max_tp, progress=bar)))
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    paths = []
     for trace in _traces(args):
-        trace.save(out / f"trace_rank{trace.meta['traced_rank']}.json")
+        paths.append(out / f"trace_rank{trace.meta['traced_rank']}.json")
+        trace.save(paths[-1])
+    print(format_files(paths))
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
+    trace_ranks = parse_trace_ranks(args.trace_ranks)
+    cluster, overlap = load_cluster(args.cluster), load_overlap(args.overlap)
     traces = _traces(args)
-    simulator = build(load_cluster(args.cluster), overlap=load_overlap(args.overlap))
-    timeline = simulator.predict(traces, as_classes=not args.every_rank)
+    print(format_hardware(args.cluster))
+    timeline = build(cluster, overlap=overlap).predict(traces, as_classes=not args.every_rank)
     meta = {**traces[0].meta, "cluster": args.cluster}
-    shown = timeline.ranks[:args.trace_ranks]
-    print(format_summary(write_outputs(timeline, args.out, meta=meta, trace_ranks=shown)))
-    print(f"wrote {args.out}/summary.json and {args.out}/timeline.json (open in https://ui.perfetto.dev)")
+    written = write_outputs(timeline, args.out, meta=meta, trace_ranks=trace_ranks)
+    print(format_summary(written.summary))
+    print(format_outputs(written, args.out, replayed=len(timeline.ranks)))
+
+
+CALIBRATIONS = ("kernels", "nccl", "overlap", "host")
+
+
+def _check_calibration(args: argparse.Namespace) -> None:
+    """Refuse, before measuring anything, what calibrate cannot do here or cannot write."""
+    chosen = [name for name in CALIBRATIONS if getattr(args, name)]
+    if not chosen:
+        raise UsageError(f"choose what to measure: {', '.join('--' + c for c in CALIBRATIONS)}")
+    if args.out.endswith(".json") and len(chosen) > 1:
+        raise UsageError(f"--out {args.out} is one file, and {', '.join('--' + c for c in chosen)} write one each; "
+                         f"give a folder")
+    gpus = torch.cuda.device_count()
+    if args.kernels and not gpus:
+        raise UsageError("--kernels times kernels on a CUDA GPU, and none is visible here; run it on the GPU "
+                         "the profile describes")
+    for name, needed in (("nccl", max(args.gpus)), ("overlap", max(2, max(args.gpus)))):
+        if getattr(args, name) and not args.from_samples and gpus < needed:
+            raise UsageError(f"--{name} measures on {needed} CUDA GPUs, and {gpus} are visible here; run it on a "
+                             f"node with {needed}, or fit measured samples with --from-samples FILE")
+
+
+def _calibration_path(args: argparse.Namespace, name: str) -> Path:
+    """--out FILE.json; else <name>.json in --out DIR or in the user's folder, which echosim.hw
+    searches before its shipped files (never the installed package itself)."""
+    out = Path(args.out) if args.out else user_hw_dir()
+    if out.suffix == ".json":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name}.json"
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    _check_calibration(args)
+    gpu_name = args.gpu or load_cluster(args.cluster).gpu
     if args.kernels:
         from echosim.hw.calibrate_kernels import calibrate_kernels, database_from_nodes
 
         database = {}
         if args.preset:
-            workload = _dataclass_from(args, DiTWorkload)
+            workload = _dit_workload(args)
             [trace] = trace_roles(workload.make_step, mesh_shape={"dp": 1}, roles=[[0]], device="cuda",
                                   fake_tensors=False, measure=True, in_situ_steps=5)
             database = database_from_nodes(trace.nodes)
-        profile = calibrate_kernels(load_gpu(args.gpu), database)
+        profile = calibrate_kernels(load_gpu(gpu_name), database)
         if args.preset:  # the host's time per op of the traced step, for traces without a measured host
             profile.host_us_per_op = trace.meta["host_us"] / len(trace.nodes)
-        _write(HW_DIR / f"{args.gpu}.json", asdict(profile))
+        _write(_calibration_path(args, Path(gpu_name).stem), asdict(profile))
     if args.host:
         from echosim.hw.calibrate_host import run
 
         measured = run(min(args.gpus))
         cluster = replace(load_cluster(args.cluster), collective_host_us=measured["extra_us"]["functional"])
-        _write(HW_DIR / f"{args.cluster}.json", asdict(cluster))
+        _write(_calibration_path(args, Path(args.cluster).stem), asdict(cluster))
     if args.nccl:
         from echosim.hw.calibrate_nccl import HELD_OUT, calibration_sweeps, compare, fit_cluster, format_comparison
 
@@ -131,7 +231,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                    calibration_sweeps(args.gpus, sorted(cluster.protocols)))
         _save_samples(args, samples)
         fitted = fit_cluster(cluster, samples)
-        _write(HW_DIR / f"{args.cluster}.json", asdict(fitted))
+        _write(_calibration_path(args, Path(args.cluster).stem), asdict(fitted))
         print(format_comparison(compare(fitted, samples[HELD_OUT])))
     if args.overlap:
         from echosim.hw.calibrate_overlap import fit_overlap, run_sweep
@@ -140,9 +240,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         _save_samples(args, samples)
         model = fit_overlap(samples)
         model.notes = f"Measured by echosim calibrate --overlap on {max(args.gpus)} GPUs."
-        model.save(HW_DIR / f"overlap_{args.gpu}.json")
-        print(f"wrote {HW_DIR / f'overlap_{args.gpu}.json'}: held-out median |error| "
-              f"{model.validation['median_abs_error_pct']:.1f} %")
+        path = _calibration_path(args, f"overlap_{Path(gpu_name).stem}")
+        model.save(path)
+        print(f"wrote {path}: held-out median |error| {model.validation['median_abs_error_pct']:.1f} % "
+              f"(simulate --overlap {path.stem if not args.out else path} uses it)")
 
 
 def _save_samples(args: argparse.Namespace, samples) -> None:
@@ -158,22 +259,27 @@ def _write(path: Path, data: dict) -> None:
 def cmd_validate(args: argparse.Namespace) -> None:
     from echosim.validate import validate
 
-    validate([_dataclass_from(args, DiTWorkload)], args.gpus, load_cluster(args.cluster), steps=args.steps,
-             measure=args.measure)
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        raise UsageError("validate compares real steps on local CUDA GPUs with the prediction for --cluster, and "
+                         "none is visible here: CPU steps say nothing about a GPU cluster's step time")
+    if max(args.gpus) > gpus:
+        raise UsageError(f"--gpus {' '.join(map(str, args.gpus))}: this machine has {gpus} CUDA GPUs")
+    validate([_dit_workload(args)], args.gpus, load_cluster(args.cluster), steps=args.steps, measure=args.measure)
 
 
 COMMANDS = ("trace", "simulate", "sweep", "calibrate", "validate")
+CLUSTER_HELP = f"cluster name (the user's calibration, else shipped) or cluster JSON file (default: {DEFAULT_CLUSTER})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="echosim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="echosim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("trace", cmd_trace, "record each role's step as trace JSON files"),
                              ("simulate", cmd_simulate, "predict the step time; write summary and Chrome trace")):
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)
-        add_dataclass_args(p, DiTWorkload)
+        add_config_arguments(p, DiTWorkload)
         p.add_argument("--fsdp", type=int, default=8,
                        help="world size of the DiT workload, all of it FSDP; dp = fsdp / (cp_heads * cp_seq)")
         p.add_argument("--step", default="", help="module:function taking a DeviceMesh, returning a step()")
@@ -182,38 +288,44 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output directory")
     simulate = sub.choices["simulate"]
     simulate.add_argument("--traces", default="", help="replay trace_rank*.json files of this directory")
-    simulate.add_argument("--cluster", default="dgx_h100", help="shipped cluster name or cluster JSON file")
-    simulate.add_argument("--trace-ranks", type=int, default=16, help="ranks shown in timeline.json")
+    simulate.add_argument("--cluster", default=DEFAULT_CLUSTER, help=CLUSTER_HELP)
+    simulate.add_argument("--trace-ranks", default="auto",
+                          help="ranks timeline.json shows: auto (the first 16 replayed, or only the critical rank "
+                               "when they would hold more than 100k spans), all, or ranks such as 0,64")
     simulate.add_argument("--gpt", action="store_true", help="simulate the GPT job of --model/--tp/--pp/--dp/...")
     simulate.add_argument("--every-rank", action="store_true",
                           help="replay every rank instead of one per class of identical ranks")
     simulate.add_argument("--overlap", default="1.0",
-                          help="compute slowdown while collectives run: a constant factor (1.0: none) or a model "
-                               "JSON from `echosim calibrate --overlap`")
-    gpt = simulate.add_argument_group("GPT job (with --gpt)")
-    add_gpt_args(gpt)
+                          help="compute slowdown while collectives run: a constant factor >= 1 (1.0: none), or a "
+                               "model from `echosim calibrate --overlap` (a JSON file, or a name such as overlap_h200)")
+    add_config_arguments(simulate.add_argument_group("GPT job (with --gpt)"), GPTJob)
     sub.choices["trace"].set_defaults(traces="", gpt=False)
 
     sw = sub.add_parser("sweep", help="rank parallel configurations of a GPT on a cluster; flag OOM")
     sw.set_defaults(func=cmd_sweep)
-    add_gpt_args(sw)
+    add_config_arguments(sw, GPTJob)
     sw.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
-    sw.add_argument("--cluster", default="dgx_h100", help="shipped cluster name or cluster JSON file")
+    sw.add_argument("--cluster", default=DEFAULT_CLUSTER, help=CLUSTER_HELP)
     sw.add_argument("--max-tp", type=int, default=0, help="largest tensor-parallel degree (0: GPUs per node)")
+    sw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bar on stderr")
 
     cal = sub.add_parser("calibrate", help="measure kernels, NCCL and overlap slowdown on this machine's GPUs")
     cal.set_defaults(func=cmd_calibrate)
-    add_dataclass_args(cal, DiTWorkload)
+    add_config_arguments(cal, DiTWorkload)
     cal.set_defaults(preset="")
-    cal.add_argument("--kernels", action="store_true", help="sweep kernels, write hw/<gpu>.json")
-    cal.add_argument("--gpu", default="h100", help="GPU profile to update")
-    cal.add_argument("--nccl", action="store_true", help="sweep NCCL collectives, write hw/<cluster>.json")
-    cal.add_argument("--cluster", default="dgx_h200", help="cluster file to update")
+    cal.add_argument("--kernels", action="store_true", help="sweep kernels, write <gpu>.json")
+    cal.add_argument("--gpu", default="", help="GPU profile to start from and name (default: the --cluster's GPU)")
+    cal.add_argument("--nccl", action="store_true", help="sweep NCCL collectives, write <cluster>.json")
+    cal.add_argument("--cluster", default=DEFAULT_CLUSTER, help=CLUSTER_HELP)
     cal.add_argument("--overlap", action="store_true",
-                     help="measure compute slowdown beside collectives (2+ GPUs), write hw/overlap_<gpu>.json")
+                     help="measure compute slowdown beside collectives (2+ GPUs), write overlap_<gpu>.json")
     cal.add_argument("--host", action="store_true",
                      help="time a real collective call's host cost beyond a fake one (on the smallest --gpus), "
                           "write the cluster's collective_host_us")
+    cal.add_argument("--out", default="",
+                     help=f"folder for the written files, or one FILE.json (default: {user_hw_dir()}, which "
+                          f"simulate and sweep search before the shipped files)")
     cal.add_argument("--gpus", type=int, nargs="+", default=[2, 4], help="GPU counts to sweep")
     cal.add_argument("--samples", default="", help="also write the measured samples (JSON) here")
     cal.add_argument("--from-samples", default="",
@@ -221,9 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="run real steps on local GPUs and compare with the prediction")
     val.set_defaults(func=cmd_validate)
-    add_dataclass_args(val, DiTWorkload)
+    add_config_arguments(val, DiTWorkload)
     val.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4], help="GPU counts to run")
-    val.add_argument("--cluster", default="dgx_h200", help="cluster whose GPU profile and links predict")
+    val.add_argument("--cluster", default=DEFAULT_CLUSTER, help=CLUSTER_HELP)
     val.add_argument("--steps", type=int, default=10, help="timed steps per run")
     val.add_argument("--measure", action="store_true", help="time compute ops on this GPU instead of modelling")
     return parser
@@ -234,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def command(name: str):
         def run(rest: list[str]) -> int:
-            args = parser.parse_args([name, *rest])
+            args, unknown = parser.parse_known_args([name, *rest])
+            if unknown:
+                raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (echosim {name} --help lists them)")
             args.func(args)
             return 0
         return run

@@ -24,9 +24,12 @@ from pathlib import Path
 
 from echosim.costs import CollectiveCall
 from echosim.graph import Node
+from echosim.hw import ROOFLINE_CLASSES, locate
+from echosim.hw.schema import AT_LEAST_ONE, FieldError, build, check, read_json
 from echosim.kernels import op_class
 
 LARGE_BYTES = 64 * 2**20  # collectives at least this large form the "large" size class
+SIZE_CLASSES = ("small", "large")
 
 
 def size_class(nbytes: float) -> str:
@@ -35,7 +38,10 @@ def size_class(nbytes: float) -> str:
 
 @dataclass(kw_only=True)
 class ConstantSlowdown:
-    factor: float = 1.0
+    factor: float = field(default=1.0, metadata=AT_LEAST_ONE)
+
+    def __post_init__(self):
+        check(self)
 
     def __call__(self, node: Node, isolated_us: float, calls: list[CollectiveCall]) -> float:
         return self.factor
@@ -44,9 +50,21 @@ class ConstantSlowdown:
 @dataclass(kw_only=True)
 class FittedSlowdown:
     terms: dict[str, dict[str, list[float]]]  # op class -> collective size class -> [a, b]
-    default: float = 1.0  # for pairs that were not measured
+    default: float = field(default=1.0, metadata=AT_LEAST_ONE)  # for pairs that were not measured
     validation: dict = field(default_factory=dict)  # held-out errors, as the calibration reported them
     notes: str = ""
+
+    def __post_init__(self):
+        check(self)
+        for cls, by_size in self.terms.items():
+            if cls not in ROOFLINE_CLASSES:
+                raise FieldError("FittedSlowdown", f"terms.{cls}", f"is not an op class {list(ROOFLINE_CLASSES)}")
+            for size, term in by_size.items():
+                if size not in SIZE_CLASSES:
+                    raise FieldError("FittedSlowdown", f"terms.{cls}.{size}",
+                                     f"is not a size class {list(SIZE_CLASSES)}")
+                if len(term) != 2:
+                    raise FieldError("FittedSlowdown", f"terms.{cls}.{size}", f"must be [a, b], got {term}")
 
     def factor(self, cls: str, size: str, isolated_us: float) -> float:
         term = self.terms.get(cls, {}).get(size)
@@ -64,9 +82,14 @@ class FittedSlowdown:
 
 
 def load_overlap(spec: str) -> ConstantSlowdown | FittedSlowdown | None:
-    """A constant ("1.3"), or a fitted model's JSON file; None when there is no slowdown ("1")."""
+    """A constant >= 1 ("1.3"), or a fitted model: a JSON file, or a name ("overlap_h200") looked up
+    as echosim.hw looks up profiles; None when there is no slowdown ("1")."""
     try:
         factor = float(spec)
     except ValueError:
-        return FittedSlowdown(**json.loads(Path(spec).read_text()))
+        path = locate(spec, "overlap model")
+        return build(FittedSlowdown, read_json(path), source=str(path))
+    if not math.isfinite(factor) or factor < 1:
+        raise ValueError(f"overlap factor {spec}: a compute slowdown beside collectives must be a number >= 1 "
+                         f"(1: none)")
     return None if factor == 1.0 else ConstantSlowdown(factor=factor)

@@ -12,6 +12,7 @@ so a row's step time is exactly what `simulate` gives for that job.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from echosim.gpt3d import DATA_PARALLEL, GPTJob, gpt_traces
@@ -40,13 +41,14 @@ def candidates(base: GPTJob, gpus: int, max_tp: int) -> list[GPTJob]:
     return out
 
 
-def sweep(base: GPTJob, gpus: int, cluster: Cluster, *, max_tp: int | None = None,
-          memory_GB: float | None = None) -> list[SweepRow]:
-    """All candidates, best first: ranked feasible ones, then out-of-memory, then rejected."""
+def sweep(base: GPTJob, gpus: int, cluster: Cluster, *, max_tp: int | None = None, memory_GB: float | None = None,
+          progress: Callable[[list[GPTJob]], Iterable[GPTJob]] = iter) -> list[SweepRow]:
+    """All candidates, best first: ranked feasible ones, then out-of-memory, then rejected;
+    `progress` wraps the candidates (e.g. in a progress bar)."""
     simulator = build(cluster)
     capacity = simulator.gpu.memory_GB if memory_GB is None else memory_GB
     rows = []
-    for job in candidates(base, gpus, max_tp or cluster.gpus_per_node):
+    for job in progress(candidates(base, gpus, max_tp or cluster.gpus_per_node)):
         problems = job.problems()
         if problems:
             rows.append(SweepRow(job=job, verdict="rejected", reason="; ".join(problems)))

@@ -1,17 +1,55 @@
 """Hardware descriptions: GPU profiles (kernel times) and clusters (links, NCCL protocols).
 
-Both are JSON files named after the hardware. Shipped ones live beside this module
-(`h100.json`, `h200.json`, `dgx_h100.json`, `dgx_h200.json`); a user passes a path to
-describe their own. `"measured": false` marks numbers seeded from datasheets and NCCL's
-defaults; `echosim calibrate` replaces them with measured ones.
+Both are JSON files named after the hardware. A name ("dgx_h200") is looked up first in the
+user's folder, where `echosim calibrate` writes (`$XDG_CONFIG_HOME/echosim`, else
+`~/.config/echosim`), then among the shipped files beside this module (`h100.json`,
+`h200.json`, `dgx_h100.json`, `dgx_h200.json`); a path describes one's own hardware. A
+cluster's `gpu` is a profile name, looked up the same way, or a path, relative to the
+cluster file's folder. Every field is checked on load (echosim.hw.schema). `"measured":
+false` marks numbers seeded from datasheets and NCCL's defaults; `echosim calibrate`
+replaces them with measured ones.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import MISSING, dataclass, field, fields
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from echosim.hw.schema import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, FieldError, build, check,
+                               read_json)
+
 HW_DIR = Path(__file__).parent
+DEFAULT_CLUSTER = "dgx_h200"  # the cluster every echosim command uses without --cluster (measured)
+ROOFLINE_CLASSES = ("gemm", "attention", "memory")  # the efficiencies echosim.kernels asks for
+
+
+def user_hw_dir() -> Path:
+    """Where `echosim calibrate` writes by default, searched before the shipped files."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "echosim"
+
+
+def locate(name_or_path: str | Path, kind: str) -> Path:
+    """The file of a name or path: an existing file as given, else `<name>.json` in the user's
+    folder, else among the shipped files."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in (user_hw_dir(), HW_DIR):
+        if (folder / f"{name_or_path}.json").is_file():
+            return folder / f"{name_or_path}.json"
+    shipped = sorted(p.stem for p in HW_DIR.glob("*.json"))
+    raise FileNotFoundError(f"no {kind} {str(name_or_path)!r}: not a file, not in {user_hw_dir()}, "
+                            f"and not one of the shipped {shipped}")
+
+
+def origin(path: Path) -> str:
+    """Where a located file comes from, for the output: shipped, calibrated here, or the user's file."""
+    folder = path.resolve().parent
+    if folder == HW_DIR.resolve():
+        return "shipped"
+    if folder == user_hw_dir().resolve():
+        return "calibrated, user folder"
+    return "file"
 
 
 @dataclass(kw_only=True)
@@ -20,25 +58,39 @@ class GpuProfile:
 
     name: str
     measured: bool
-    peak_tflops: dict[str, float]  # dtype -> dense peak (tensor cores where torch uses them)
-    hbm_GBps: float  # memory bandwidth
-    efficiency: dict[str, float]  # op class (gemm, attention, memory) -> fraction of the roofline
-    launch_us: float  # fixed cost added to every modelled kernel
-    memory_GB: float = 0.0  # device memory (GB = 1e9 bytes); 0: unknown, nothing is flagged out of memory
-    kernels: dict[str, float] = field(default_factory=dict)  # kernel-time database: key -> microseconds
-    host_us_per_op: float = 0.0  # the host's time to issue one traced op in eager PyTorch, for traces
-    # without a measured host (echosim.engine.host_measured); measured from full-speed steps
+    peak_tflops: dict[str, float] = field(metadata=POSITIVE)  # dtype -> dense peak (tensor cores where torch uses them)
+    hbm_GBps: float = field(metadata=POSITIVE)  # memory bandwidth
+    efficiency: dict[str, float] = field(metadata=FRACTION)  # op class (gemm, ...) -> fraction of the roofline
+    launch_us: float = field(metadata=NON_NEGATIVE)  # fixed cost added to every modelled kernel
+    # device memory (GB = 1e9 bytes); 0: unknown, nothing is flagged out of memory
+    memory_GB: float = field(default=0.0, metadata=NON_NEGATIVE)
+    kernels: dict[str, float] = field(default_factory=dict, metadata=NON_NEGATIVE)  # kernel database: key -> us
+    # the host's time to issue one traced op in eager PyTorch, for traces without a measured host
+    # (echosim.engine.host_measured); measured from full-speed steps
+    host_us_per_op: float = field(default=0.0, metadata=NON_NEGATIVE)
     notes: str = ""
+
+    def __post_init__(self):
+        check(self)
+        missing = [c for c in ROOFLINE_CLASSES if c not in self.efficiency]
+        if missing:
+            raise FieldError("GpuProfile", "efficiency", f"must give every op class {list(ROOFLINE_CLASSES)}, "
+                                                         f"lacks {missing}")
+        if "float32" not in self.peak_tflops:
+            raise FieldError("GpuProfile", "peak_tflops", "must give float32 (the peak of dtypes not listed)")
 
 
 @dataclass(kw_only=True)
 class Protocol:
     """One NCCL protocol's costs (LL, LL128, Simple)."""
 
-    base_us: float  # launch and setup per collective
-    nvlink_step_us: float  # per algorithm step inside a node
-    net_step_us: float  # per algorithm step that crosses the network
-    bw_fraction: float  # share of the link bandwidth the protocol delivers
+    base_us: float = field(metadata=NON_NEGATIVE)  # launch and setup per collective
+    nvlink_step_us: float = field(metadata=NON_NEGATIVE)  # per algorithm step inside a node
+    net_step_us: float = field(metadata=NON_NEGATIVE)  # per algorithm step that crosses the network
+    bw_fraction: float = field(metadata=FRACTION)  # share of the link bandwidth the protocol delivers
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass(kw_only=True)
@@ -47,48 +99,56 @@ class Cluster:
 
     name: str
     gpu: str  # GPU profile name or path
-    gpus_per_node: int
-    nvlink_GBps: float  # per GPU, one direction, as NCCL achieves it (bus bandwidth)
-    nic_Gbps: float  # per GPU network line rate
+    gpus_per_node: int = field(metadata=AT_LEAST_ONE)
+    nvlink_GBps: float = field(metadata=POSITIVE)  # per GPU, one direction, as NCCL achieves it (bus bandwidth)
+    nic_Gbps: float = field(metadata=POSITIVE)  # per GPU network line rate
     protocols: dict[str, Protocol]
-    collective_bw: dict[str, float] = field(default_factory=dict)  # "all_gather@4" -> bandwidth multiplier
-    tables: dict[str, list[list[float]]] = field(default_factory=dict)  # "all_gather@4" -> [[bytes, us], ...]
-    collective_host_us: float = 0.0  # host time a real collective call takes beyond a fake one (calibrate_host)
+    collective_bw: dict[str, float] = field(default_factory=dict, metadata=POSITIVE)  # "all_gather@4" -> multiplier
+    # "all_gather@4" -> [[bytes, us], ...] measured inside a node, interpolated in log-log
+    tables: dict[str, list[list[float]]] = field(default_factory=dict, metadata=POSITIVE)
+    # host time a real collective call takes beyond a fake one (calibrate_host)
+    collective_host_us: float = field(default=0.0, metadata=NON_NEGATIVE)
     measured: bool = False
     notes: str = ""
 
-
-def _read(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = HW_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        shipped = sorted(p.stem for p in HW_DIR.glob("*.json"))
-        raise FileNotFoundError(f"no {kind} {name_or_path!r}: not a file, and not one of the shipped {shipped}")
-    try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON: {err}") from None
-
-
-def _build(cls, data: dict, source: str):
-    names = {f.name for f in fields(cls)}
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-    unknown, missing = set(data) - names, {n for n in required if n not in data}
-    if unknown or missing:
-        raise ValueError(f"{source}: {cls.__name__} has unknown fields {sorted(unknown)} / "
-                         f"missing fields {sorted(missing)}")
-    return cls(**data)
+    def __post_init__(self):
+        check(self)
+        if not self.protocols:
+            raise FieldError("Cluster", "protocols", "must name at least one NCCL protocol (e.g. Simple)")
+        for what, keys in (("collective_bw", self.collective_bw), ("tables", self.tables)):
+            for key in keys:
+                name, _, size = key.partition("@")
+                if not name or not size.isdigit() or int(size) < 2:
+                    raise FieldError("Cluster", f"{what}.{key}", "must be keyed <collective>@<GPUs>, e.g. all_gather@4")
+        for key, table in self.tables.items():
+            if not table or any(len(row) != 2 for row in table):
+                raise FieldError("Cluster", f"tables.{key}", "must hold [bytes, us] rows")
+            if any(a[0] >= b[0] for a, b in zip(table, table[1:])):
+                raise FieldError("Cluster", f"tables.{key}", "must list sizes in increasing order")
 
 
 def load_gpu(name_or_path: str | Path) -> GpuProfile:
-    """A shipped profile by name ("h100") or a JSON file."""
-    data, source = _read(name_or_path, "GPU profile")
-    return _build(GpuProfile, data, source)
+    """A profile by name ("h200": the user's calibration, else the shipped file) or a JSON file."""
+    path = locate(name_or_path, "GPU profile")
+    return build(GpuProfile, read_json(path), source=str(path))
 
 
 def load_cluster(name_or_path: str | Path) -> Cluster:
-    """A shipped cluster by name ("dgx_h100") or a JSON file."""
-    data, source = _read(name_or_path, "cluster")
-    data["protocols"] = {k: _build(Protocol, v, f"{source} protocol {k}") for k, v in data.get("protocols", {}).items()}
-    return _build(Cluster, data, source)
+    """A cluster by name ("dgx_h200": the user's calibration, else the shipped file) or a JSON file.
+    A relative path in its `gpu` field is taken from the cluster file's folder."""
+    path = locate(name_or_path, "cluster")
+    data = read_json(path)
+    gpu = data.get("gpu") if isinstance(data, dict) else None
+    if isinstance(gpu, str) and _is_path(gpu):
+        data["gpu"] = str(path.parent / gpu)
+    cluster = build(Cluster, data, source=str(path))
+    try:
+        locate(cluster.gpu, "GPU profile")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: gpu: {err}") from None
+    return cluster
+
+
+def _is_path(gpu: str) -> bool:
+    """A path ("../gpus/a100.json"), not a profile name ("h200")."""
+    return gpu.endswith(".json") or "/" in gpu or os.sep in gpu
