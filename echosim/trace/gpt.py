@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from echosim.graph import Node
-from echosim.trace.fake_world import PlausibleCollectives, fake_world, mesh_groups
+from echosim.trace.fills import PlausibleCollectives
 from echosim.trace.recorder import Recorder
 from echosim.trace.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, all_reduce_max,
                                            gather_from_tp, reduce_from_tp, sum_over_tp)
+from echosim.trace.world import fake_world, mesh_groups
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,7 +247,7 @@ def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_b
     """Trace the embedding, one layer and the head as tensor-parallel rank 0 of `tp`, on fake tensors
     of `device` ("cuda" names the ops as a GPU runs them); with `measure`, on real tensors of
     `device`, each compute op timed (echosim.trace.recorder; collectives return at once: they are
-    modelled, not measured; their outputs made plausible: echosim.trace.fake_world.PlausibleCollectives).
+    modelled, not measured; their outputs made plausible: echosim.trace.fills.PlausibleCollectives).
     Parts are not scaled to full-speed runs as whole steps are (trace_roles' in_situ_steps): one
     part's synchronised forward and backward is bound by the host, the pipelined step is not."""
     sp = sequence_parallel and tp > 1

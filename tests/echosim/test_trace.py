@@ -210,7 +210,8 @@ def test_in_situ_fit_makes_the_free_replay_last_the_full_speed_step():
 
 @pytest.mark.parametrize("mode", ["functions", "dispatcher"])
 def test_plausible_collectives_fill_fake_outputs_with_real_looking_data(mode):
-    from echosim.trace.fake_world import PlausibleCollectives, fake_world, plausible_collectives
+    from echosim.trace import fake_world
+    from echosim.trace.fills import PlausibleCollectives, plausible_collectives
 
     with fake_world(rank=1, mesh_shape={"dp": 4}) as mesh:
         with plausible_collectives() if mode == "functions" else PlausibleCollectives():
@@ -226,7 +227,7 @@ def test_plausible_collectives_fill_fake_outputs_with_real_looking_data(mode):
 
 
 def test_fills_of_fake_collectives_are_not_recorded():
-    from echosim.trace.fake_world import plausible_collectives
+    from echosim.trace.fills import plausible_collectives
 
     def make_step(mesh):
         shard, gathered = torch.randn(8), torch.zeros(16)
@@ -240,24 +241,24 @@ def test_fills_of_fake_collectives_are_not_recorded():
 def test_full_speed_steps_leave_out_the_fills_that_stall_compute(monkeypatch):
     """A fill on the compute stream (here the CPU) is time the real step spends in the collective,
     which the collective model predicts: timed steps subtract it."""
-    import importlib
     import time
 
-    world = importlib.import_module("echosim.trace.fake_world")  # the module, not the function of that name
+    from echosim.trace import fake_world, fills
+    from echosim.trace.timing import time_steps_us
 
     def slow_fill(received, sent):  # 50 ms, far above the fake collective's own cost
         time.sleep(0.05)
         received.copy_(sent)
 
-    monkeypatch.setitem(world.FILLS, "all_to_all_single", slow_fill)
-    with world.fake_world(rank=0, mesh_shape={"cp": 2}) as mesh:
+    monkeypatch.setitem(fills.FILLS, "all_to_all_single", slow_fill)
+    with fake_world(rank=0, mesh_shape={"cp": 2}) as mesh:
         sent, received = torch.randn(1024), torch.zeros(1024)
 
         def step():
             dist.all_to_all_single(received, sent, group=mesh.get_group())
 
-        with world.plausible_collectives():
+        with fills.plausible_collectives():
             began = time.perf_counter()
             step()
             assert time.perf_counter() - began >= 0.05 and torch.equal(received, sent)
-            assert world.time_steps_us(step, 3)[0] < 20e3
+            assert time_steps_us(step, 3)[0] < 20e3
