@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +28,8 @@ from echosim.simulate import predict
 from echosim.trace import trace_roles
 from echosim.trace.dit import DiTWorkload
 from echosim.trace.host import host_fields, profile_host
+from torchkit.launch import torchrun
+from torchkit.timing import timed_step
 
 WARMUP_STEPS = 2
 IN_SITU_STEPS = 5
@@ -54,9 +54,8 @@ def measure_many(workloads: list[DiTWorkload], world_size: int, steps: int, *,
     """Real steps of each workload on `world_size` local devices in one torchrun job: per
     workload {"median_ms", "all_ms"} or {"error"} (e.g. out of memory) without losing the rest."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
-                        "--standalone", "-m", "echosim.validate",
-                        json.dumps([asdict(w) for w in workloads]), str(steps), f.name], check=True, timeout=timeout_s)
+        torchrun("echosim.validate", json.dumps([asdict(w) for w in workloads]), str(steps), f.name,
+                 nproc=world_size, timeout_s=timeout_s)
         return json.loads(Path(f.name).read_text())
 
 
@@ -88,24 +87,14 @@ def validate(workloads: list[DiTWorkload], gpu_counts: list[int], cluster: Clust
 
 
 def _time_steps(step, steps: int, cuda: bool) -> list[float]:
+    """Milliseconds of `steps` steps after WARMUP_STEPS, all ranks starting each together."""
     times = []
-    for i in range(WARMUP_STEPS + steps):
+    for _ in range(WARMUP_STEPS + steps):
         dist.barrier()
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        with timed_step(cuda=cuda) as timed:
             step()
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            began = time.perf_counter()
-            step()
-            elapsed = 1e3 * (time.perf_counter() - began)
-        if i >= WARMUP_STEPS:
-            times.append(elapsed)
-    return times
+        times.append(timed.device_ms)
+    return times[WARMUP_STEPS:]
 
 
 def main(workloads_json: str, steps: int, out_path: str) -> None:

@@ -6,7 +6,7 @@ projection and FC2, causal SDPA), a final LayerNorm and a vocab-parallel head wi
 cross entropy (three all-reduces: max, sum of exponentials, target logit). Dropout is left out,
 and so is, from the trace, the once-per-step all-reduce over TP of the gradients of the weights
 every rank holds whole (LayerNorms, row-parallel biases, positions) under SP, which the real
-step (echosim.gpt_run) does. `sharded_part` builds a part whose slices come from one full,
+step (echosim.gpt_stage) does. `sharded_part` builds a part whose slices come from one full,
 seeded initialisation, so that any parallel layout starts from the same model.
 
 `trace_gpt_parts` runs each part (embedding, one layer, head) once on a fake tensor-parallel
@@ -210,7 +210,7 @@ def _trace_part(module: nn.Module, make_inputs, labels, shards: int, measure: bo
     main_grads = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
 
     def backward_and_accumulate(out: Tensor, grad: Tensor) -> None:
-        """Fresh gradients, summed into fp32 main gradients: what echosim.gpt_run's step (and
+        """Fresh gradients, summed into fp32 main gradients: what echosim.gpt_stage's step (and
         Megatron's main_grad) does after each part's backward in every microbatch."""
         for p in params:
             p.grad = None

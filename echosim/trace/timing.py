@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from torchkit.timing import timed_step
+
 
 class FillClock:
     """Time of fake collectives and their fills that stall compute, while steps are timed at full speed.
@@ -62,14 +64,11 @@ def time_steps_us(step: Callable[[], None], steps: int) -> tuple[float, float]:
     """Medians over `steps` full-speed steps, microseconds: the step (synchronised around it)
     less the fake collectives and fills the compute stream waited for (`FillClock`), and the
     host's time until step() returned."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times, host = [], []
     for _ in range(steps):
-        sync()
         FILL_CLOCK.start()
-        began = time.perf_counter()
-        step()
-        host.append(1e6 * (time.perf_counter() - began))
-        sync()
-        times.append(1e6 * (time.perf_counter() - began) - FILL_CLOCK.stop_us())
+        with timed_step(cuda=torch.cuda.is_available()) as timed:
+            step()
+        host.append(1e3 * timed.host_ms)
+        times.append(1e3 * timed.wall_ms - FILL_CLOCK.stop_us())
     return statistics.median(times), statistics.median(host)
