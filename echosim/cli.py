@@ -30,7 +30,7 @@ from echosim.overlap import load_overlap
 from echosim.report import format_summary, write_outputs
 from echosim.simulate import predict
 from echosim.trace import trace_roles
-from echosim.trace.dit import DiTWorkload
+from echosim.trace.workloads import DEFAULT_WORKLOAD, load_workload, trace_workload
 from torchkit.cli import Parser, run_commands
 
 
@@ -50,7 +50,7 @@ def _parse_mesh(text: str) -> dict[str, int]:
 
 
 def _traces(args: argparse.Namespace) -> list:
-    """Traces from --traces DIR, from a user --step factory, or of the DiT workload."""
+    """Traces from --traces DIR, from a user --step factory, or of the --workload (the DiT's)."""
     if args.traces:
         return [load_trace(p) for p in sorted(Path(args.traces).glob("trace_rank*.json"))]
     if args.gpt:
@@ -62,9 +62,7 @@ def _traces(args: argparse.Namespace) -> list:
         roles = [[r] for r in ranks] if args.trace_every_rank else [ranks]
         return trace_roles(getattr(importlib.import_module(module), func), mesh_shape=mesh, roles=roles,
                            meta={"step": args.step})
-    workload = _dataclass_from(args, DiTWorkload)
-    return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(args.fsdp),
-                       roles=workload.roles(args.fsdp), meta={"workload": "dit", **asdict(workload), "fsdp": args.fsdp})
+    return trace_workload(_dataclass_from(args, args.workload_class), args.fsdp)
 
 
 def _gpt_job(args: argparse.Namespace) -> GPTJob:
@@ -109,7 +107,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
         database = {}
         if args.preset:
-            workload = _dataclass_from(args, DiTWorkload)
+            workload = _dataclass_from(args, args.workload_class)
             [trace] = trace_roles(workload.make_step, mesh_shape={"dp": 1}, roles=[[0]], device="cuda",
                                   fake_tensors=False, measure=True, in_situ_steps=5)
             database = database_from_nodes(trace.nodes)
@@ -158,14 +156,32 @@ def _write(path: Path, data: dict) -> None:
 def cmd_validate(args: argparse.Namespace) -> None:
     from echosim.validate import validate
 
-    validate([_dataclass_from(args, DiTWorkload)], args.gpus, load_cluster(args.cluster), steps=args.steps,
+    validate([_dataclass_from(args, args.workload_class)], args.gpus, load_cluster(args.cluster), steps=args.steps,
              measure=args.measure)
 
 
 COMMANDS = ("trace", "simulate", "sweep", "calibrate", "validate")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_workload_args(parser: argparse.ArgumentParser, workload: type) -> None:
+    """--workload, and the flags of its fields."""
+    parser.add_argument("--workload", default=DEFAULT_WORKLOAD,
+                        help="the workload whose flags follow: an entry point of echosim.workloads or module:Class "
+                             f"(default: {DEFAULT_WORKLOAD}, dsv's DiT)")
+    parser.set_defaults(workload_class=workload)
+    add_dataclass_args(parser, workload)
+
+
+def _workload_flag(argv: list[str]) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--workload", default=DEFAULT_WORKLOAD)
+    return pre.parse_known_args(argv)[0].workload
+
+
+def build_parser(workload: type | None = None) -> argparse.ArgumentParser:
+    """The parser; the trace, simulate, calibrate and validate commands take `workload`'s flags
+    (default: the default --workload's)."""
+    workload = workload or load_workload()
     parser = Parser(prog="echosim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("simulate", cmd_simulate, "predict the step time; write summary and Chrome trace")):
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)
-        add_dataclass_args(p, DiTWorkload)
+        add_workload_args(p, workload)
         p.add_argument("--fsdp", type=int, default=8,
                        help="world size of the DiT workload, all of it FSDP; dp = fsdp / (cp_heads * cp_seq)")
         p.add_argument("--step", default="", help="module:function taking a DeviceMesh, returning a step()")
@@ -203,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="measure kernels, NCCL and overlap slowdown on this machine's GPUs")
     cal.set_defaults(func=cmd_calibrate)
-    add_dataclass_args(cal, DiTWorkload)
+    add_workload_args(cal, workload)
     cal.set_defaults(preset="")
     cal.add_argument("--kernels", action="store_true", help="sweep kernels, write hw/<gpu>.json")
     cal.add_argument("--gpu", default="h100", help="GPU profile to update")
@@ -221,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="run real steps on local GPUs and compare with the prediction")
     val.set_defaults(func=cmd_validate)
-    add_dataclass_args(val, DiTWorkload)
+    add_workload_args(val, workload)
     val.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4], help="GPU counts to run")
     val.add_argument("--cluster", default="dgx_h200", help="cluster whose GPU profile and links predict")
     val.add_argument("--steps", type=int, default=10, help="timed steps per run")
@@ -230,11 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-
     def command(name: str):
         def run(rest: list[str]) -> int:
-            args = parser.parse_args([name, *rest])
+            args = build_parser(load_workload(_workload_flag(rest))).parse_args([name, *rest])
             args.func(args)
             return 0
         return run
