@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
+from dsv.sim.dit import DiTWorkload
 from echosim.gpt3d import GPTJob
-from echosim.trace.dit import DiTWorkload
 
 COUNTS = (1, 2, 4)
 WORKLOADS = [  # sizes, sequence lengths (16k and 32k tokens), dense and sparse, context parallel

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import time
 
+from dsv.sim.dit import DiTWorkload
 from echosim.hw import load_cluster
 from echosim.report import summary
 from echosim.simulator import build
 from echosim.trace import trace_roles
-from echosim.trace.dit import DiTWorkload
 
 
 def main() -> None:

@@ -19,14 +19,13 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from dsv.sim.dit import DiTWorkload
 from echosim.graph import Trace, trace_from_json
 from echosim.hw import HW_DIR, GpuProfile, load_cluster, load_gpu
 from echosim.hw.calibrate_kernels import database_from_nodes
 from echosim.hw.calibrate_nccl import HELD_OUT, compare, fit_cluster, format_comparison
 from echosim.hw.calibrate_overlap import fit_overlap
 from echosim.simulator import build
-from echosim.trace.dit import DiTWorkload
-from echosim.validate import label
 
 
 def load_traces(path: Path) -> list[Trace]:
@@ -62,14 +61,14 @@ def compare_steps(rows: list[dict], cluster, overlap) -> list[dict]:
     out = []
     for r in rows:
         if "median_ms" not in r or not r["traces"].exists():
-            out.append({"config": label(DiTWorkload(**r["workload"])), "gpus": r["gpus"],
+            out.append({"config": DiTWorkload(**r["workload"]).label(), "gpus": r["gpus"],
                         "problem": (r.get("error") or "no trace").strip().splitlines()[-1]})
             continue
         traces = load_traces(r["traces"])
         plain = build(cluster).predict(traces).step_us / 1e3
         slowed = build(cluster, overlap=overlap).predict(traces).step_us / 1e3 if overlap else plain
         real = r["median_ms"]
-        out.append({"config": label(DiTWorkload(**r["workload"])), "gpus": r["gpus"], "measured_ms": real,
+        out.append({"config": DiTWorkload(**r["workload"]).label(), "gpus": r["gpus"], "measured_ms": real,
                     "predicted_ms": plain, "error_pct": 100 * (plain - real) / real,
                     "predicted_overlap_ms": slowed, "error_overlap_pct": 100 * (slowed - real) / real,
                     "real_host": r.get("host"), "traced": traces[0].meta})

@@ -38,7 +38,7 @@ from echosim.report import (format_files, format_hardware, format_outputs, forma
                             write_outputs)
 from echosim.simulator import build
 from echosim.trace import trace_roles
-from echosim.trace.dit import DIT_PRESETS, DTYPES, DiTWorkload
+from echosim.trace.workloads import DEFAULT_WORKLOAD, load_workload, trace_workload
 from echosim.trace.gpt import GPT_PRESETS
 from torchkit.cli import Parser, UsageError, run_commands
 from torchkit.config_cli import add_config_arguments, config_from_args
@@ -59,12 +59,12 @@ def _one_of(flag: str, value: str, choices) -> None:
         raise UsageError(f"--{flag} {value!r} is not one of {', '.join(choices)}")
 
 
-def _dit_workload(args: argparse.Namespace) -> DiTWorkload:
-    workload = _positive(config_from_args(DiTWorkload, args))
-    _one_of("preset", workload.preset, DIT_PRESETS)
-    _one_of("dtype", workload.dtype, DTYPES)
-    if workload.density > 1:
-        raise UsageError(f"--density must be in (0, 1] (fraction of key blocks computed), got {workload.density}")
+def _workload(args: argparse.Namespace):
+    """The --workload's config from its flags: every number positive, then the workload's own `check()`."""
+    workload = _positive(config_from_args(args.workload_class, args))
+    check = getattr(workload, "check", None)
+    if check is not None:
+        check()
     return workload
 
 
@@ -114,7 +114,7 @@ def _load_traces(folder: str) -> list:
 
 
 def _traces(args: argparse.Namespace) -> list:
-    """Traces from --traces DIR, of the --gpt job, from a user --step factory, or of the DiT workload."""
+    """Traces from --traces DIR, of the --gpt job, from a user --step factory, or of the --workload."""
     if args.traces:
         return _load_traces(args.traces)
     if args.gpt:
@@ -124,11 +124,10 @@ def _traces(args: argparse.Namespace) -> list:
         ranks = list(range(prod(mesh.values())))
         roles = [[r] for r in ranks] if args.trace_every_rank else [ranks]
         return trace_roles(factory, mesh_shape=mesh, roles=roles, meta={"step": args.step})
-    workload = _dit_workload(args)
+    workload = _workload(args)
     if args.fsdp < 1:
-        raise UsageError(f"--fsdp must be >= 1 (the DiT workload's world size), got {args.fsdp}")
-    return trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(args.fsdp),
-                       roles=workload.roles(args.fsdp), meta={"workload": "dit", **asdict(workload), "fsdp": args.fsdp})
+        raise UsageError(f"--fsdp must be >= 1 (the workload's world size), got {args.fsdp}")
+    return trace_workload(workload, args.fsdp)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -209,7 +208,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
         database = {}
         if args.preset:
-            workload = _dit_workload(args)
+            workload = _workload(args)
             [trace] = trace_roles(workload.make_step, mesh_shape={"dp": 1}, roles=[[0]], device="cuda",
                                   fake_tensors=False, measure=True, in_situ_steps=5)
             database = database_from_nodes(trace.nodes)
@@ -265,21 +264,39 @@ def cmd_validate(args: argparse.Namespace) -> None:
                          "none is visible here: CPU steps say nothing about a GPU cluster's step time")
     if max(args.gpus) > gpus:
         raise UsageError(f"--gpus {' '.join(map(str, args.gpus))}: this machine has {gpus} CUDA GPUs")
-    validate([_dit_workload(args)], args.gpus, load_cluster(args.cluster), steps=args.steps, measure=args.measure)
+    validate([_workload(args)], args.gpus, load_cluster(args.cluster), steps=args.steps, measure=args.measure)
 
 
 COMMANDS = ("trace", "simulate", "sweep", "calibrate", "validate")
 CLUSTER_HELP = f"cluster name (the user's calibration, else shipped) or cluster JSON file (default: {DEFAULT_CLUSTER})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_workload_args(parser: argparse.ArgumentParser, workload: type) -> None:
+    """--workload, and the flags of its fields."""
+    parser.add_argument("--workload", default=DEFAULT_WORKLOAD,
+                        help="the workload whose flags follow: an entry point of echosim.workloads or module:Class "
+                             f"(default: {DEFAULT_WORKLOAD}, dsv's DiT)")
+    parser.set_defaults(workload_class=workload)
+    add_config_arguments(parser, workload)
+
+
+def _workload_flag(argv: list[str]) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--workload", default=DEFAULT_WORKLOAD)
+    return pre.parse_known_args(argv)[0].workload
+
+
+def build_parser(workload: type | None = None) -> argparse.ArgumentParser:
+    """The parser; the trace, simulate, calibrate and validate commands take `workload`'s flags
+    (default: the default --workload's)."""
+    workload = workload or load_workload()
     parser = Parser(prog="echosim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("trace", cmd_trace, "record each role's step as trace JSON files"),
                              ("simulate", cmd_simulate, "predict the step time; write summary and Chrome trace")):
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)
-        add_config_arguments(p, DiTWorkload)
+        add_workload_args(p, workload)
         p.add_argument("--fsdp", type=int, default=8,
                        help="world size of the DiT workload, all of it FSDP; dp = fsdp / (cp_heads * cp_seq)")
         p.add_argument("--step", default="", help="module:function taking a DeviceMesh, returning a step()")
@@ -312,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="measure kernels, NCCL and overlap slowdown on this machine's GPUs")
     cal.set_defaults(func=cmd_calibrate)
-    add_config_arguments(cal, DiTWorkload)
+    add_workload_args(cal, workload)
     cal.set_defaults(preset="")
     cal.add_argument("--kernels", action="store_true", help="sweep kernels, write <gpu>.json")
     cal.add_argument("--gpu", default="", help="GPU profile to start from and name (default: the --cluster's GPU)")
@@ -333,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="run real steps on local GPUs and compare with the prediction")
     val.set_defaults(func=cmd_validate)
-    add_config_arguments(val, DiTWorkload)
+    add_workload_args(val, workload)
     val.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4], help="GPU counts to run")
     val.add_argument("--cluster", default=DEFAULT_CLUSTER, help=CLUSTER_HELP)
     val.add_argument("--steps", type=int, default=10, help="timed steps per run")
@@ -342,10 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-
     def command(name: str):
         def run(rest: list[str]) -> int:
+            parser = build_parser(load_workload(_workload_flag(rest)))
             args, unknown = parser.parse_known_args([name, *rest])
             if unknown:
                 raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (echosim {name} --help lists them)")

@@ -16,12 +16,15 @@ from dataclasses import asdict
 
 from echosim.costs import OverlapModel
 from echosim.gpt3d import GPTJob, gpt_traces
-from echosim.gpt_run import default_device, measure_many, step_factory, step_problems
+from echosim.gpt_run import measure_many
+from echosim.gpt_stage import step_problems
+from echosim.gpt_step_trace import step_factory
 from echosim.graph import Trace
 from echosim.hw import Cluster, load_cluster
 from echosim.overlap import load_overlap
 from echosim.simulator import build
 from echosim.trace import trace_roles
+from torchkit.launch import default_device
 
 # gpt-1.3b and gpt-13b on 2 and 4 H200s: steps of 0.2-1 s predicted, under 70 GB a GPU (echosim.memory);
 # microbatches of 2 keep eager PyTorch's per-op host cost (~10 us) below the kernels' (25-65 us a kernel)

@@ -25,7 +25,8 @@ LAYERS = {
                           ["torchkit", "echosim trace format", "echosim cost layer", "echosim engine"]),
     "echosim tracing": (["echosim.trace", "echosim.trace.*"],  # fitting a trace replays it on the engine
                         ["torchkit", "echosim trace format", "echosim cost layer", "echosim engine"]),
-    "echosim workloads": (["echosim.pipeline", "echosim.gpt3d", "echosim.memory", "echosim.gpt_run"],
+    "echosim workloads": (["echosim.pipeline", "echosim.gpt3d", "echosim.memory", "echosim.gpt_run",
+                           "echosim.gpt_stage", "echosim.gpt_data_parallel", "echosim.gpt_step_trace"],
                           ["torchkit", "echosim trace format", "echosim cost layer", "echosim engine",
                            "echosim tracing"]),
     "echosim commands": (["echosim", "echosim.__main__", "echosim.cli", "echosim.sweep", "echosim.validate",
@@ -36,13 +37,8 @@ LAYERS = {
                                "echosim tracing", "echosim workloads"]),
 }
 
-# Imports that break the layering today, file -> the layers it may import besides its own.
-# echosim's DiT workload still builds dsv's model; it moves to dsv's side (issue 16), and then
-# this list is emptied.
-KNOWN_EXCEPTIONS = {
-    "echosim/trace/dit.py": {"dsv"},
-    "echosim/trace/flops.py": {"dsv"},
-}
+# Imports allowed to break the layering, file -> the layers it may import besides its own: none.
+KNOWN_EXCEPTIONS: dict[str, set[str]] = {}
 
 
 def layer_of(module: str) -> str | None:

@@ -9,6 +9,10 @@ with grid coordinates (head rank i_h, sequence rank i_s):
     sparse: fetch only the selected remote KV blocks from the sequence group; dense: all-gather KV
     local attention (block-sparse kernel or SDPA)  --reverse all-to-all-->  (B, H, S/g, D)
 
+Where no block index is selected (no selector, or it returned None), the local attention is
+`dense_attention(q, k, v)`: SDPA unless the caller gives another, e.g. a cost model's
+stand-in for a kernel (dsv.sim.dit).
+
 Heads are assigned to head ranks by greedy LPT on per-head cost (1 - sparsity), given per
 layer with `set_head_costs` and re-planned whenever the caller has a new profile. The
 predictor and selection run where the head lives: `features` (token-wise, e.g. the low-rank
@@ -53,16 +57,21 @@ Selector = Callable[[SelectionInput], BlockIndex | None]
 Features = Callable[..., Tensor]
 """features(attn_input (B, S_loc, hidden), layer=i, rope=(cos, sin) (S_loc, D/2) or None) -> (B, H, S_loc, F),
 computed token by token."""
+DenseAttention = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""dense_attention(q (B, H_r, S_q, D), k, v (B, H_r, S, D)) -> (B, H_r, S_q, D): the local queries over every
+key of the owned heads, where no block index is selected."""
 
 
 class ContextParallelAttention:
     """Attention backend over the (head, sequence) grid of `mesh`; q, k, v are this rank's S/g tokens."""
 
     def __init__(self, mesh: ParallelMesh, *, heads: int, selector: Selector | None = None,
-                 features: Features | None = None, block_size: int = BLOCK_SIZE, kernel_backend: str = "auto"):
+                 features: Features | None = None, block_size: int = BLOCK_SIZE, kernel_backend: str = "auto",
+                 dense_attention: DenseAttention = F.scaled_dot_product_attention):
         check_heads_fit(heads, mesh.cp_heads)
         self.mesh, self.heads, self.block_size = mesh, heads, block_size
         self.selector, self.features, self.kernel_backend = selector, features, kernel_backend
+        self.dense_attention = dense_attention
         self.kv_bytes_received = 0  # K/V bytes fetched by the sequence exchange, summed over calls
         self.set_head_costs(None)
 
@@ -120,11 +129,11 @@ class ContextParallelAttention:
         """Attention of the local queries over the whole sequence of the owned heads."""
         if self.mesh.cp_seq == 1:
             if index is None:
-                return F.scaled_dot_product_attention(q, k, v)
+                return self.dense_attention(q, k, v)
             # the selector's lists (DSV's selection in training) are not re-checked: that is a host sync per layer
             return sparse_attention_index(q, k, v, index, backend=self.kernel_backend, check_lists=False)
         if index is None:
-            out, nbytes = dense_sequence_attention(q, k, v, self.mesh.seq_group)
+            out, nbytes = dense_sequence_attention(q, k, v, self.mesh.seq_group, attention=self.dense_attention)
         else:
             out, nbytes = sparse_sequence_attention(q, k, v, index, self.mesh.seq_group, backend=self.kernel_backend)
         self.kv_bytes_received += nbytes

@@ -11,6 +11,7 @@ owner's dK/dV). Dense fallback: all-gather K and V.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -134,11 +135,14 @@ def sparse_sequence_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex
     return out[:, :, :s_loc], nbytes
 
 
-def dense_sequence_attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, *,
-                             scale: float | None = None) -> tuple[Tensor, int]:
-    """All-gather K and V (one collective), then dense SDPA of the local queries."""
+def dense_sequence_attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, *, scale: float | None = None,
+                             attention: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, int]:
+    """All-gather K and V (one collective), then dense attention of the local queries:
+    `attention(q, k, v)` if given, else SDPA at `scale`."""
     kv = gather_sequence(torch.stack((k, v)), group)  # (2, B, H, S, D)
     nbytes = kv.numel() * kv.element_size() * (1 - 1 / dist.get_world_size(group))
+    if attention is not None:
+        return attention(q, kv[0], kv[1]), int(nbytes)
     return F.scaled_dot_product_attention(q, kv[0], kv[1], scale=scale), int(nbytes)
 
 

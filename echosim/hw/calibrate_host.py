@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from torchkit.launch import torchrun
 
 CALLS = 200
 REPEATS = 5
@@ -47,8 +48,7 @@ def run(gpus: int) -> dict:
     """Launch `measure` on `gpus` local GPUs (CPU processes with gloo without CUDA); its result."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "host.json"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-                        "-m", "echosim.hw.calibrate_host", str(path)], check=True)
+        torchrun("echosim.hw.calibrate_host", str(path), nproc=gpus)
         return json.loads(path.read_text())
 
 

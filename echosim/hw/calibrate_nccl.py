@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import numpy as np
 from echosim.comm import RING_FACTORS, CommModel, interpolate
 from echosim.costs import CollectiveCall
 from echosim.hw import Cluster
+from torchkit.launch import torchrun
 
 FITTED = ("all_gather", "reduce_scatter", "all_reduce")  # the ring formulas the fit identifies
 SWEPT = FITTED + ("all_to_all", "broadcast", "send_recv")
@@ -175,9 +175,7 @@ def run_sweeps(gpu_counts: list[int], protocols: list[str], *, sizes: list[int] 
         for n in gpu_counts:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 forced = {} if proto == DEFAULT else {"NCCL_PROTO": proto, "NCCL_ALGO": "Ring"}
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--standalone",
-                                "-m", "echosim.hw.calibrate_nccl", f.name, json.dumps(sizes), str(iters)],
-                               check=True, env={**os.environ, **forced})
+                torchrun("echosim.hw.calibrate_nccl", f.name, json.dumps(sizes), str(iters), nproc=n, env=forced)
                 out[proto] += json.loads(Path(f.name).read_text())
     return out
 

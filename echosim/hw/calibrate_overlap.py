@@ -19,7 +19,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from echosim.hw.calibrate_nccl import time_collective_us
 from echosim.overlap import FittedSlowdown, size_class
+from torchkit.launch import torchrun
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 COLLECTIVE_SIZES = (16 * 2**20, 256 * 2**20)
@@ -77,8 +77,7 @@ def fit_overlap(samples: list[dict]) -> FittedSlowdown:
 def run_sweep(gpus: int) -> list[dict]:
     """Launch the torchrun sweep on `gpus` local GPUs; return its samples."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", "--standalone",
-                        "-m", "echosim.hw.calibrate_overlap", f.name], check=True)
+        torchrun("echosim.hw.calibrate_overlap", f.name, nproc=gpus)
         return json.loads(Path(f.name).read_text())
 
 

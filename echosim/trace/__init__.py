@@ -10,8 +10,17 @@ Each role (a list of ranks that do identical work) is traced once, as its first 
 `backend="fake"` so that no peer is needed. With `fake_tensors=True` (the default) tensors
 are FakeTensors: nothing is computed or allocated, so configurations that do not fit one
 device trace anywhere, and durations come from the kernel-time model.
+
+    world.py      the fake world: its process group and the names of its mesh groups
+    tracing.py    the tracing loop (trace_roles)
+    recorder.py   one rank's step as an execution graph; collectives.py and flops.py describe its ops
+    fills.py      real-looking outputs of fake collectives while compute is timed on real data
+    timing.py     full-speed steps less what the fake collectives cost (FILL_CLOCK)
+    fitting.py    a measured trace fitted to its full-speed step (fit_to_in_situ)
+    host.py       the host's pace of a step
 """
-from echosim.trace.fake_world import fake_world, mesh_groups, trace_roles
 from echosim.trace.recorder import Recorder
+from echosim.trace.tracing import trace_roles
+from echosim.trace.world import fake_world, mesh_groups
 
 __all__ = ["Recorder", "fake_world", "mesh_groups", "trace_roles"]

@@ -6,7 +6,7 @@ projection and FC2, causal SDPA), a final LayerNorm and a vocab-parallel head wi
 cross entropy (three all-reduces: max, sum of exponentials, target logit). Dropout is left out,
 and so is, from the trace, the once-per-step all-reduce over TP of the gradients of the weights
 every rank holds whole (LayerNorms, row-parallel biases, positions) under SP, which the real
-step (echosim.gpt_run) does. `sharded_part` builds a part whose slices come from one full,
+step (echosim.gpt_stage) does. `sharded_part` builds a part whose slices come from one full,
 seeded initialisation, so that any parallel layout starts from the same model.
 
 `trace_gpt_parts` runs each part (embedding, one layer, head) once on a fake tensor-parallel
@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from echosim.graph import Node
-from echosim.trace.fake_world import PlausibleCollectives, fake_world, mesh_groups
+from echosim.trace.fills import PlausibleCollectives
 from echosim.trace.recorder import Recorder
 from echosim.trace.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, all_reduce_max,
                                            gather_from_tp, reduce_from_tp, sum_over_tp)
+from echosim.trace.world import fake_world, mesh_groups
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,7 +210,7 @@ def _trace_part(module: nn.Module, make_inputs, labels, shards: int, measure: bo
     main_grads = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
 
     def backward_and_accumulate(out: Tensor, grad: Tensor) -> None:
-        """Fresh gradients, summed into fp32 main gradients: what echosim.gpt_run's step (and
+        """Fresh gradients, summed into fp32 main gradients: what echosim.gpt_stage's step (and
         Megatron's main_grad) does after each part's backward in every microbatch."""
         for p in params:
             p.grad = None
@@ -246,7 +247,7 @@ def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_b
     """Trace the embedding, one layer and the head as tensor-parallel rank 0 of `tp`, on fake tensors
     of `device` ("cuda" names the ops as a GPU runs them); with `measure`, on real tensors of
     `device`, each compute op timed (echosim.trace.recorder; collectives return at once: they are
-    modelled, not measured; their outputs made plausible: echosim.trace.fake_world.PlausibleCollectives).
+    modelled, not measured; their outputs made plausible: echosim.trace.fills.PlausibleCollectives).
     Parts are not scaled to full-speed runs as whole steps are (trace_roles' in_situ_steps): one
     part's synchronised forward and backward is bound by the host, the pipelined step is not."""
     sp = sequence_parallel and tp > 1

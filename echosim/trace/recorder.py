@@ -17,7 +17,7 @@ With `measure=True` (CUDA tensors) the step runs under torch.profiler and each c
 duration is the GPU time of the kernels it launched, as CUPTI recorded them: the recorder's
 own host overhead, launch latency and interpreter pauses never enter a duration; the op's
 CPU time becomes its `host_us` (the share of the host's pace it gets; see
-fake_world.fit_to_in_situ). Without CUDA the duration is the op's CPU time.
+echosim.trace.fitting.fit_to_in_situ). Without CUDA the duration is the op's CPU time.
 """
 from __future__ import annotations
 

@@ -26,12 +26,11 @@ def test_comparison_predicts_each_sample_and_summarises_errors(samples):
 
 def test_host_calibration_times_real_and_fake_calls_of_both_styles(tmp_path):
     import json
-    import subprocess
-    import sys
+
+    from torchkit.launch import torchrun
 
     out = tmp_path / "host.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    "-m", "echosim.hw.calibrate_host", str(out)], check=True, capture_output=True)
+    torchrun("echosim.hw.calibrate_host", str(out), nproc=2, capture_output=True)
     result = json.loads(out.read_text())
     assert result["gpus"] == 2 and set(result["extra_us"]) == {"functional", "c10d"}
     for style in ("functional", "c10d"):

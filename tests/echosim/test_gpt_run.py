@@ -1,4 +1,4 @@
-"""The real GPT step (echosim.gpt_run) on 4 gloo ranks in float32: every parallel layout computes
+"""The real GPT step (echosim.gpt_stage) on 4 gloo ranks in float32: every parallel layout computes
 the loss, the reduced gradients and the updated weights of the same step on one rank."""
 import os
 import socket
@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from echosim.gpt3d import GPTJob, gpt_traces
-from echosim.gpt_run import Stage, global_batch, measure_many, place, run_job
+from echosim.gpt_run import measure_many, run_job
+from echosim.gpt_stage import Stage, global_batch, place
 from echosim.trace import Recorder
 
 TINY = dict(model="gpt-tiny", global_batch=8, micro_batch=2)  # 4 layers, hidden 64, 4 heads, sequence 32

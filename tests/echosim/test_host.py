@@ -3,7 +3,7 @@ import pytest
 
 from echosim.engine import replay
 from echosim.graph import Node, Trace
-from echosim.trace.fake_world import _alone, fit_to_in_situ
+from echosim.trace.fitting import alone, fit_to_in_situ
 from echosim.trace.host import blocked_us, gpu_busy_us, profile_host
 
 
@@ -37,7 +37,7 @@ def three_ops():
 
 
 def alone_us(trace):
-    return replay([_alone(trace)], compute_us=None, collective_us=None).step_us
+    return replay([alone(trace)], compute_us=None, collective_us=None).step_us
 
 
 def test_fit_spreads_the_unrecorded_host_time_and_scales_kernels_for_the_rest():

@@ -1,93 +1,13 @@
-"""Tracing under the fake process group: the DiT at world size 8 with FSDP2, and a user step."""
+"""Tracing under the fake process group: user steps, measured steps, fills and FLOP formulas
+(dsv's DiT as a workload: tests/sim)."""
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from dsv.models.dit import DIT_PRESETS, matmul_params_per_token, param_count
 from echosim.hw import load_cluster
-from echosim.kernels import op_class
-from echosim.report import breakdowns
 from echosim.simulator import build
 from echosim.trace import trace_roles
-from echosim.trace.dit import DiTWorkload
-
-WORLD = 8
-
-
-def trace_dit(density):
-    workload = DiTWorkload(preset="tiny", frames=8, height=32, width=32, density=density)
-    [trace] = trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(WORLD), roles=workload.roles(WORLD))
-    return trace
-
-
-@pytest.fixture(scope="module")
-def dense():
-    return trace_dit(1.0)
-
-
-def collectives(trace, name):
-    return [n for n in trace.nodes if n.name == name]
-
-
-def test_one_trace_stands_for_all_fsdp_ranks(dense):
-    assert dense.ranks == list(range(WORLD)) and dense.groups == {"dp": [list(range(WORLD))]}
-
-
-def test_fsdp_gathers_each_block_in_forward_and_backward_and_reduces_once(dense):
-    cfg = DIT_PRESETS["tiny"]()
-    d, head_dim = cfg.hidden, cfg.head_dim
-    block = 18 * d * d + 15 * d + 2 * head_dim  # adaLN 6d^2+6d, qkv 3d^2+3d, out d^2+d, MLP 8d^2+5d, qk-norm
-    assert block == sum(p.numel() for p in _meta_block_params())
-    root = param_count(cfg) - cfg.depth * block
-    gathers = [n.bytes for n in collectives(dense, "all_gather")]
-    reduces = [n.bytes for n in collectives(dense, "reduce_scatter")]
-    # bf16 all-gathers: root then 4 blocks forward, 4 blocks again in backward (resharded after forward)
-    assert gathers == [2 * root] + [2 * block] * 4 + [2 * block] * 4
-    # fp32 reduce-scatters, one per block in backward, then the root
-    assert reduces == [4 * block] * 4 + [4 * root]
-    # before the first reduce-scatter: 5 forward gathers, the last block's and (prefetched) the one before
-    first_reduce = collectives(dense, "reduce_scatter")[0].id
-    assert sum(n.id < first_reduce for n in collectives(dense, "all_gather")) == 5 + 2
-    assert {n.stream for n in collectives(dense, "all_gather")} == {"ag"}
-    assert {n.stream for n in collectives(dense, "reduce_scatter")} == {"rs"}
-
-
-def _meta_block_params():
-    from dsv.models.dit import VideoDiT
-    with torch.device("meta"):
-        return VideoDiT(DIT_PRESETS["tiny"]()).blocks[0].parameters()
-
-
-def attention_flops(trace):
-    return sum(n.flops for n in trace.nodes if op_class(n.name) == "attention")
-
-
-def test_flops_match_the_model_formulas(dense):
-    cfg = DIT_PRESETS["tiny"]()
-    tokens = 8 * (32 // 4) * (32 // 4)  # grid (8, 8, 8)
-    # forward 2 matmuls (QK^T, PV) = 4*S^2*hidden; torch counts backward as 2.5x forward
-    assert attention_flops(dense) == cfg.depth * 3.5 * 4 * tokens**2 * cfg.hidden
-    gemm = sum(n.flops for n in dense.nodes if op_class(n.name) == "gemm")
-    reference = 6 * matmul_params_per_token(cfg) * tokens  # token-wise linears; adaLN/embedders add ~1%
-    assert gemm == pytest.approx(reference, rel=0.02)
-
-
-def test_sparse_attention_costs_its_density(dense):
-    sparse = trace_dit(0.25)
-    assert attention_flops(sparse) == 0.25 * attention_flops(dense)
-    assert [n.bytes for n in sparse.nodes if n.is_comm] == [n.bytes for n in dense.nodes if n.is_comm]
-
-
-def test_simulated_step_of_the_traced_dit(dense):
-    timeline = build(load_cluster("dgx_h100")).predict([dense])
-    parts = breakdowns(timeline)
-    assert len({(b.compute_us, b.exposed_comm_us, b.waiting_us) for b in parts}) == 1  # identical ranks
-    b = parts[0]
-    assert b.compute_us + b.exposed_comm_us + b.waiting_us + b.idle_us == pytest.approx(timeline.step_us)
-    serial = sum(s.end_us - s.start_us for s in timeline.spans if s.rank == 0 and s.stream == "compute")
-    assert serial <= timeline.step_us and b.waiting_us == 0
-
 
 def user_step(mesh):
     """A hand-written step on a (dp=2, tp=4) mesh: all-reduce over tp, uneven all-to-all over dp."""
@@ -114,24 +34,6 @@ def test_user_step_records_groups_sizes_and_splits():
     assert traces[1].ranks == [4, 5, 6, 7] and traces[1].meta["traced_rank"] == 4
     timeline = build(load_cluster("dgx_h100")).predict(traces)
     assert len([s for s in timeline.spans if s.name == "all_to_all"]) == 8
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_modelled_sparse_attention_on_cuda_is_dsv_kernel_on_its_random_lists():
-    from dsv.ops.sparse_attention import gathered_attention
-    from echosim.trace.flops import _random_index, modelled_sparse_attention
-
-    q, k, v = (torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    out = modelled_sparse_attention(q, k, v, 0.25)
-    grad = torch.randn_like(out)
-    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = gathered_attention(q64, k64, v64, _random_index(q, 0.25), 64 ** -0.5)
-    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), grad.double()))
-    assert _random_index(q, 0.25).counts.float().mean().item() == 2  # round(0.25 * 8) blocks per query block
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, atol=2e-2, rtol=2e-2)
 
 
 def test_measured_trace_times_every_compute_node_by_its_profiled_range():
@@ -210,7 +112,8 @@ def test_in_situ_fit_makes_the_free_replay_last_the_full_speed_step():
 
 @pytest.mark.parametrize("mode", ["functions", "dispatcher"])
 def test_plausible_collectives_fill_fake_outputs_with_real_looking_data(mode):
-    from echosim.trace.fake_world import PlausibleCollectives, fake_world, plausible_collectives
+    from echosim.trace import fake_world
+    from echosim.trace.fills import PlausibleCollectives, plausible_collectives
 
     with fake_world(rank=1, mesh_shape={"dp": 4}) as mesh:
         with plausible_collectives() if mode == "functions" else PlausibleCollectives():
@@ -226,7 +129,7 @@ def test_plausible_collectives_fill_fake_outputs_with_real_looking_data(mode):
 
 
 def test_fills_of_fake_collectives_are_not_recorded():
-    from echosim.trace.fake_world import plausible_collectives
+    from echosim.trace.fills import plausible_collectives
 
     def make_step(mesh):
         shard, gathered = torch.randn(8), torch.zeros(16)
@@ -240,24 +143,65 @@ def test_fills_of_fake_collectives_are_not_recorded():
 def test_full_speed_steps_leave_out_the_fills_that_stall_compute(monkeypatch):
     """A fill on the compute stream (here the CPU) is time the real step spends in the collective,
     which the collective model predicts: timed steps subtract it."""
-    import importlib
     import time
 
-    world = importlib.import_module("echosim.trace.fake_world")  # the module, not the function of that name
+    from echosim.trace import fake_world, fills
+    from echosim.trace.timing import time_steps_us
 
     def slow_fill(received, sent):  # 50 ms, far above the fake collective's own cost
         time.sleep(0.05)
         received.copy_(sent)
 
-    monkeypatch.setitem(world.FILLS, "all_to_all_single", slow_fill)
-    with world.fake_world(rank=0, mesh_shape={"cp": 2}) as mesh:
+    monkeypatch.setitem(fills.FILLS, "all_to_all_single", slow_fill)
+    with fake_world(rank=0, mesh_shape={"cp": 2}) as mesh:
         sent, received = torch.randn(1024), torch.zeros(1024)
 
         def step():
             dist.all_to_all_single(received, sent, group=mesh.get_group())
 
-        with world.plausible_collectives():
+        with fills.plausible_collectives():
             began = time.perf_counter()
             step()
             assert time.perf_counter() - began >= 0.05 and torch.equal(received, sent)
-            assert world.time_steps_us(step, 3)[0] < 20e3
+            assert time_steps_us(step, 3)[0] < 20e3
+
+
+def test_a_registered_flop_formula_counts_for_its_op(monkeypatch):
+    from echosim.trace import flops
+
+    monkeypatch.setitem(flops._FLOPS, torch.ops.aten.relu, None)  # restored (removed) after the test
+    flops.register_flops(torch.ops.aten.relu, lambda x: 7.0 * x.numel())
+
+    def make_step(mesh):
+        a = torch.randn(4, 8)
+        return lambda: a.relu()
+
+    [trace] = trace_roles(make_step, mesh_shape={"dp": 1}, roles=[[0]])
+    [relu] = trace.nodes
+    assert (relu.name, relu.flops) == ("aten.relu", 7.0 * 32)
+
+
+def test_the_modelled_sparse_attention_runs_the_kernel_registered_for_its_device(monkeypatch):
+    import torch.nn.functional as F
+
+    from echosim.trace import flops
+
+    calls = []
+
+    def forward(q, k, v, density):
+        calls.append(("forward", density))
+        return 2 * v, q.new_zeros(q.shape[:-1], dtype=torch.float32)
+
+    def backward(grad, q, k, v, out, lse, density):
+        calls.append(("backward", density))
+        return grad.clone(), 2 * grad, 3 * grad
+
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    monkeypatch.delitem(flops._KERNELS, "cpu", raising=False)
+    assert torch.equal(flops.modelled_sparse_attention(q, k, v, 0.5), F.scaled_dot_product_attention(q, k, v))
+    monkeypatch.setitem(flops._KERNELS, "cpu", flops.SparseKernel(forward=forward, backward=backward))
+    out = flops.modelled_sparse_attention(q, k, v, 0.5)
+    grad = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    assert torch.equal(out, 2 * v) and torch.equal(dq, grad) and torch.equal(dk, 2 * grad) and torch.equal(dv, 3 * grad)
+    assert calls == [("forward", 0.5), ("backward", 0.5)]

@@ -1,9 +1,9 @@
 """echosim validate's real-step path on CPU: one torchrun job (gloo) runs several workloads."""
 import pytest
 
+from dsv.sim.dit import DiTWorkload
 from echosim.hw import load_cluster
-from echosim.validate import label, measure_many, validate, workload_traces
-from echosim.trace.dit import DiTWorkload
+from echosim.validate import measure_many, validate, workload_traces
 
 TINY = dict(preset="tiny", frames=4, height=16, width=16, dtype="float32")
 
@@ -28,11 +28,6 @@ def test_validate_prints_a_row_per_runnable_workload(capsys):
     assert [r["config"] for r in rows] == ["tiny 4x16x16 b1"]  # cp 2 cannot run on one rank
     assert rows[0]["predicted_ms"] > 0 and "error_pct" in rows[0]
     assert "tiny 4x16x16 b1" in capsys.readouterr().out
-
-
-def test_labels_name_what_differs():
-    assert label(DiTWorkload(preset="1.3B", frames=16, height=64, width=64, density=0.2, cp_heads=2)) == \
-        "1.3B 16x64x64 b1 d0.2 cp2x1"
 
 
 def test_traces_carry_the_workload():

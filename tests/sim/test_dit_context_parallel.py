@@ -6,12 +6,12 @@ from collections import Counter
 import pytest
 
 from dsv.models.dit import DIT_PRESETS, param_count
+from dsv.sim.dit import DiTWorkload
 from echosim.cli import main
 from echosim.hw import load_cluster
 from echosim.kernels import op_class
 from echosim.simulator import build
 from echosim.trace import trace_roles
-from echosim.trace.dit import DiTWorkload
 
 CFG = DIT_PRESETS["tiny"]()  # hidden 128, 4 heads of 32, depth 4
 B, H, D, HIDDEN, DEPTH = 1, CFG.heads, CFG.head_dim, CFG.hidden, CFG.depth
@@ -113,3 +113,10 @@ def test_modelled_sparse_attention_under_sequence_parallelism_costs_its_density(
         0.25 * DEPTH * 3.5 * 4 * B * H * (s // 2) * s * D
     assert [n.bytes for n in comms(sparse, "all_gather", "seq")] == [2 * B * H * s * D * BF16] * DEPTH + \
         [B * s * HIDDEN * BF16]  # the modelled selection fetches K and V in full (dsv's dense exchange)
+
+
+def test_modelled_sparse_attention_under_head_parallelism_costs_its_density(heads2):
+    [sparse] = trace(4, cp_heads=2, density=0.25)  # ContextParallelAttention's dense_attention is the modelled op
+    dense, modelled = (sum(n.flops for n in t.nodes if op_class(n.name) == "attention") for t in (heads2, sparse))
+    assert modelled == 0.25 * dense == 0.25 * DEPTH * 3.5 * 4 * B * (H // 2) * (8 * 8 * 8) ** 2 * D
+    assert [n.bytes for n in sparse.nodes if n.is_comm] == [n.bytes for n in heads2.nodes if n.is_comm]

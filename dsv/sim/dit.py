@@ -1,16 +1,22 @@
-"""The first workload: one training step of dsv's video DiT, sharded with FSDP2 and, optionally,
+"""dsv's video DiT as an echosim workload: one training step sharded with FSDP2 and, optionally,
 dsv's hybrid context parallelism (dsv.parallel: heads over `cp_heads` ranks x sequence over
 `cp_seq` ranks, dp = world / (cp_heads * cp_seq)).
 
+    echosim simulate --preset tiny --fsdp 8 --cp-heads 2 --cp-seq 2 --out runs/echosim/tiny8_cp4
+
+echosim finds it as the entry point `dit` of the group echosim.workloads (pyproject.toml), or by
+its path `dsv.sim.dit:DiTWorkload` where the project is not installed (echosim.trace.workloads).
 Every rank of a pure-FSDP job does the same work on a different batch, so one role covers the
 whole world; under context parallelism ranks whose head rank owns the same number of heads do
 the same work. Attention is dense (SDPA) or modelled block-sparse at a given density
-(echosim.trace.flops.ModelledSparseAttention).
+(echosim.trace.flops.modelled_sparse_attention; on CUDA dsv's kernel, dsv.sim.kernels).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -20,36 +26,35 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import dsv.sim.kernels  # noqa: F401 - registers dsv's kernel for the modelled sparse attention on CUDA
 from dsv.models.dit import DIT_PRESETS, VideoDiT
 from dsv.parallel.head_parallel import assign_heads, check_heads_fit
 from dsv.parallel.hybrid import ContextParallelAttention
 from dsv.parallel.mesh import build_parallel_mesh
 from dsv.parallel.parallelize import parallelize
 from dsv.parallel.runtime import Runtime
-from dsv.parallel.seq_parallel import gather_sequence
-from echosim.trace.flops import ModelledSparseAttention, modelled_sparse_attention
+from echosim.trace.flops import modelled_sparse_attention
+from torchkit.cli import UsageError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ModelledSparseContextParallel(ContextParallelAttention):
-    """dsv's context-parallel attention whose local attention keeps `density` of the key blocks.
-    A modelled selection has no block lists, so the sequence group all-gathers K and V in full
-    (dsv's dense exchange): the communication is an upper bound of the sparse fetch."""
+class ModelledSparseAttention:
+    """An attention backend (dsv.models.attention) whose every layer keeps `density` of its blocks."""
 
-    def __init__(self, mesh, *, heads: int, density: float):
-        super().__init__(mesh, heads=heads)
+    def __init__(self, density: float):
         self.density = density
 
-    def _local(self, q: Tensor, k: Tensor, v: Tensor, index: None) -> Tensor:
-        if self.mesh.cp_seq > 1:
-            kv = gather_sequence(torch.stack((k, v)), self.mesh.seq_group)  # (2, B, H_r, S, D)
-            k, v = kv[0], kv[1]
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         return modelled_sparse_attention(q, k, v, self.density)
 
 
 @dataclass(kw_only=True)
 class DiTWorkload:
+    """One training step of dsv's DiT on a world of `--fsdp` ranks; the fields are the command's flags."""
+
+    name: ClassVar[str] = "dit"  # the trace's meta["workload"]
     preset: str = field(default="tiny", metadata={"help": f"DiT preset: {', '.join(DIT_PRESETS)}"})
     frames: int = field(default=8, metadata={"help": "video frames per sample"})
     height: int = field(default=32, metadata={"help": "video height in pixels (or latent rows)"})
@@ -65,6 +70,14 @@ class DiTWorkload:
     def cp(self) -> int:
         return self.cp_heads * self.cp_seq
 
+    def check(self) -> None:
+        """A UsageError naming the flag whose value this workload cannot run (echosim's CLI calls it)."""
+        for flag, value, choices in (("preset", self.preset, DIT_PRESETS), ("dtype", self.dtype, DTYPES)):
+            if value not in choices:
+                raise UsageError(f"--{flag} {value!r} is not one of {', '.join(choices)}")
+        if not 0 < self.density <= 1:
+            raise UsageError(f"--density must be in (0, 1] (fraction of key blocks computed), got {self.density}")
+
     def mesh_shape(self, world_size: int) -> dict[str, int]:
         """{"dp": world} without context parallelism, else dsv's (dp, seq, heads) grid, heads innermost."""
         if self.cp_heads < 1 or self.cp_seq < 1:
@@ -77,6 +90,16 @@ class DiTWorkload:
             return {"dp": world_size}
         check_heads_fit(DIT_PRESETS[self.preset]().heads, self.cp_heads)
         return {"dp": world_size // self.cp, "seq": self.cp_seq, "heads": self.cp_heads}
+
+    def runs_on(self, world_size: int) -> bool:
+        """Whether `world_size` ranks split into context-parallel groups."""
+        return world_size % self.cp == 0
+
+    def label(self) -> str:
+        """Short name of the configuration, e.g. "1.3B 16x64x64 b1 d0.2 cp2x1"."""
+        text = f"{self.preset} {self.frames}x{self.height}x{self.width} b{self.batch}"
+        text += f" d{self.density:g}" if self.density < 1 else ""
+        return text + (f" cp{self.cp_heads}x{self.cp_seq}" if self.cp > 1 else "")
 
     def head_counts(self) -> list[int]:
         """Heads per head rank, as ContextParallelAttention assigns them without costs: even when
@@ -110,8 +133,11 @@ class DiTWorkload:
                                             cp_seq=self.cp_seq)
             runtime = Runtime(rank=dist.get_rank(), world_size=mesh.size(), local_rank=0,
                               device=torch.device(mesh.device_type))
-            attention = (ContextParallelAttention(pmesh, heads=cfg.heads) if self.density >= 1.0 else
-                         ModelledSparseContextParallel(pmesh, heads=cfg.heads, density=self.density))
+            # a modelled selection has no block lists, so the sequence group all-gathers K and V in
+            # full (dsv's dense exchange): the communication is an upper bound of the sparse fetch
+            local = (F.scaled_dot_product_attention if self.density >= 1.0 else
+                     partial(modelled_sparse_attention, density=self.density))
+            attention = ContextParallelAttention(pmesh, heads=cfg.heads, dense_attention=local)
             parallelize(model, runtime, activation_checkpointing=False, compile=False, param_dtype=dtype,
                         mesh=pmesh, cp_attention=attention)
             meshes = (pmesh.device_mesh, pmesh.fsdp_mesh)

@@ -1,0 +1,64 @@
+"""The tracing loop: each role's step, run as the role's first rank in a fake world and recorded.
+
+    traces = trace_roles(make_step, mesh_shape={"dp": 8}, roles=[list(range(8))])
+"""
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from contextlib import nullcontext
+
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import DeviceMesh
+
+from echosim.graph import Trace, validate
+from echosim.trace.fills import plausible_collectives
+from echosim.trace.fitting import fit_to_in_situ
+from echosim.trace.host import profile_host
+from echosim.trace.recorder import Recorder
+from echosim.trace.timing import FILL_CLOCK, time_steps_us
+from echosim.trace.world import fake_world, mesh_groups
+
+StepFactory = Callable[[DeviceMesh], Callable[[], None]]
+
+
+def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: list[list[int]],
+                device: str = "cpu", fake_tensors: bool = True, measure: bool = False, warmup_steps: int = 1,
+                in_situ_steps: int = 0, meta: dict | None = None) -> list[Trace]:
+    """One validated Trace per role (a list of ranks doing identical work), recorded as the role's
+    first rank after `warmup_steps` steps (FSDP2 and optimizers initialise lazily on the first).
+    `make_step(mesh)` builds the model and returns the step; with `fake_tensors` it runs under
+    FakeTensorMode, so nothing is allocated or computed and durations come from the kernel model.
+    A step may carry `meshes`, further DeviceMeshes it built, whose groups are named like the mesh's,
+    and `group_labels`, {process-group name: (label, its blocks over the world)} of groups it made.
+    With `measure` and `in_situ_steps`, that many steps also run at full speed (no recorder) and
+    the trace is fitted to their median time (`fit_to_in_situ`)."""
+    traces = []
+    for ranks in roles:
+        with fake_world(rank=ranks[0], mesh_shape=mesh_shape, device=device) as mesh:
+            labels = mesh_groups(mesh)
+            data_mode = plausible_collectives() if measure and not fake_tensors else nullcontext()
+            with FakeTensorMode(allow_non_fake_inputs=True) if fake_tensors else data_mode:
+                step = make_step(mesh)
+                for extra in getattr(step, "meshes", ()):
+                    labels.update(mesh_groups(extra))
+                labels.update(getattr(step, "group_labels", {}))
+                for _ in range(warmup_steps):
+                    step()
+                gc.collect()  # time the steps from a clean heap, as a training loop settles into
+                in_situ = time_steps_us(step, in_situ_steps) if measure and in_situ_steps else None
+                host = None
+                if in_situ is not None and device != "cpu":
+                    FILL_CLOCK.start()
+                    profile = profile_host(step)
+                    fills_us = FILL_CLOCK.stop_us()
+                    host = (max(0.0, in_situ[1] - profile.blocked_us), profile.gpu_busy_us - fills_us)
+                with Recorder(group_labels=labels, measure=measure) as recorder:
+                    step()
+            trace = recorder.trace(ranks=list(ranks), meta={**(meta or {}), "traced_rank": ranks[0],
+                                                            "mesh": mesh_shape})
+        validate(trace, source=f"trace of rank {ranks[0]}")
+        if in_situ is not None:
+            fit_to_in_situ(trace, in_situ[0], *(host or ()))
+        traces.append(trace)
+    return traces
