@@ -164,7 +164,7 @@ def test_gpt_flags_keep_their_spelling_through_the_shared_bridge():
     assert echosim.cli._gpt_job(args) == GPTJob(model="gpt-13b", tp=4, pp=2, dp=3, micro_batch=2, global_batch=48,
                                                 bucket_mb=12.5, data_parallel="fsdp", schedule="gpipe",
                                                 sequence_parallel=False)
-    assert echosim.cli._dit_workload(args).cp_heads == 2
+    assert echosim.cli._workload(args).cp_heads == 2
     assert echosim.cli._gpt_job(build_parser().parse_args(["sweep", "--gpus", "8"])) == GPTJob()
 
 
