@@ -11,28 +11,53 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from torchkit.cli import Parser, run_commands
-from torchkit.config_cli import add_config_arguments, config_from_args
+from torchkit.config_cli import add_config_arguments, config_from_args, config_from_dict
 
 
-def _train_parser(preset: str, add_help: bool = True) -> Parser:
-    """Every TrainConfig field as a flag, with the --model.* defaults of `preset`."""
+def _train_parser(defaults, add_help: bool = True) -> Parser:
+    """Every TrainConfig field as a flag, with `defaults` (a TrainConfig) as the values of flags not given."""
     from dsv.train import TrainConfig
 
     parser = Parser(prog="dsv train", description="Train a video DiT with flow matching.", add_help=add_help)
-    add_config_arguments(parser, TrainConfig, defaults=TrainConfig(preset=preset))
+    add_config_arguments(parser, TrainConfig, defaults=defaults)
     return parser
+
+
+def _resumed_run_config(cfg):
+    """The TrainConfig in config.json of the run that `cfg.resume` continues, or None (no resume, no file)."""
+    from dsv.train import TrainConfig
+
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        run = Path(cfg.out_dir) / cfg.run_name
+    else:
+        checkpoint = Path(cfg.resume)
+        run = checkpoint.parent.parent if checkpoint.parent.name == "ckpt" else checkpoint.parent
+    path = run / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # no readable config.json: the checkpoint itself is checked against the flags
+    saved.pop("resume_history", None)
+    return config_from_dict(TrainConfig, saved)
 
 
 def train_main(argv: list[str]) -> int:
     from dsv.train import TrainConfig, format_summary, train
 
     argv = ["--sparse.mode" if arg == "--sparse" else arg for arg in argv]  # `--sparse dsv` = `--sparse.mode dsv`
-    preset = _train_parser(TrainConfig().preset, add_help=False).parse_known_args(argv)[0].preset
-    cfg = config_from_args(TrainConfig, _train_parser(preset).parse_args(argv))
+    preset = _train_parser(TrainConfig(), add_help=False).parse_known_args(argv)[0].preset
+    parser = _train_parser(TrainConfig(preset=preset))
+    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
+    saved = _resumed_run_config(cfg)
+    if saved is not None:  # on resume, a flag not given keeps the run's value, not TrainConfig's default
+        cfg = config_from_args(TrainConfig, _train_parser(saved).parse_args(argv))
     result = train(cfg)
     if result:
         print(format_summary(result))

@@ -162,3 +162,15 @@ def test_resume_on_a_folder_whose_videos_changed_says_the_dataset_changed(tmp_pa
     save_video_grid(torch.rand(1, 1, 4, 16, 16) * 2 - 1, videos / "e")
     with pytest.raises(CheckpointError, match="the dataset changed since .*: it had 4 videos in 1 classes, now 5 in 1"):
         train(dataclasses.replace(cfg, steps=3, resume="auto"))
+
+
+def test_cli_resume_keeps_the_runs_values_for_flags_not_given(six_steps, tmp_path, capsys):
+    """`dsv train --run-name r --resume auto --steps 8` continues the run as it was configured (its model,
+    data and keep_checkpoints=5), not with TrainConfig's defaults, which would be refused or prune checkpoints."""
+    assert main(["train", "--out-dir", str(tmp_path), "--run-name", "r", "--resume", "auto", "--steps", "8",
+                 "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "r/config.json").read_text())
+    assert saved["steps"] == 8 and saved["keep_checkpoints"] == 5 and saved["model"]["hidden"] == 32
+    kept = sorted(p.name for p in (tmp_path / "r/ckpt").glob("step_*"))
+    assert kept == [f"step_{s:09d}.pt" for s in (2, 4, 6, 8)]  # nothing pruned: 5 are kept
+    assert [r["step"] for r in _records(tmp_path / "r") if "loss" in r][-1] == 8
