@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from torchkit.config_cli import add_config_arguments, config_from_args
 from dsv.models.dit import DiTConfig, VideoDiT, train_flops
 from dsv.ops.block_index import BlockIndex
 from dsv.ops.layout import BLOCK_SIZE
 from dsv.parallel.hybrid import ContextParallelAttention, SelectionInput
 from dsv.parallel.mesh import apply_context_parallel, build_parallel_mesh
 from dsv.parallel.planner import Workload
+from torchkit.config_cli import add_config_arguments, config_from_args
 
 PROFILES = {  # per-head density (1 - sparsity) of 16 heads; other head counts repeat / cut the pattern
     "uniform": [0.1] * 16,

@@ -21,8 +21,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchkit.cli import Failure
 from dsv.parallel.runtime import Runtime, barrier
+from torchkit.cli import Failure
 
 _NAME = re.compile(r"^step_(\d{9})(\.pt)?$")
 

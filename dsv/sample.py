@@ -14,10 +14,10 @@ import torch.distributed.checkpoint as dcp
 from tqdm import tqdm
 
 from dsv.checkpoint import CheckpointError
-from torchkit.config_cli import config_from_dict
 from dsv.data import save_video_grid
 from dsv.flow import euler_sample
 from dsv.models.dit import DiTConfig, VideoDiT
+from torchkit.config_cli import config_from_dict
 
 if TYPE_CHECKING:
     from dsv.train import Trainer

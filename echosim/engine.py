@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from torchkit.cli import Failure
 from echosim.costs import CollectiveCall, CollectiveModel, ComputeModel, OverlapModel
 from echosim.graph import Node, Trace, TraceError
+from torchkit.cli import Failure
 
 
 class SimulationError(Failure):
