@@ -22,13 +22,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dsv.parallel.runtime import Runtime, barrier
-from torchkit.cli import Failure
+from torchkit.cli import Failure, UsageError
 
 _NAME = re.compile(r"^step_(\d{9})(\.pt)?$")
 
 
 class CheckpointError(Failure):
-    pass
+    """A checkpoint that cannot be used as asked (corrupt, from another run, deleted under `latest`)."""
+
+
+class MissingCheckpointError(CheckpointError, UsageError):
+    """A checkpoint path that does not exist: bad input, so the command exits with status 2."""
 
 
 def checkpoint_name(step: int, distributed: bool) -> str:
@@ -90,7 +94,7 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path:
     if resume != "auto":
         path = Path(resume)
         if not path.exists():
-            raise CheckpointError(f"checkpoint {path} does not exist")
+            raise MissingCheckpointError(f"checkpoint {path} does not exist")
         return path
     ckpt_dir = run_dir / "ckpt"
     found = complete_checkpoints(ckpt_dir)

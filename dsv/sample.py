@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from tqdm import tqdm
 
-from dsv.checkpoint import CheckpointError
+from dsv.checkpoint import CheckpointError, MissingCheckpointError
 from dsv.data import save_video_grid
 from dsv.flow import euler_sample
 from dsv.models.dit import DiTConfig, VideoDiT
@@ -66,7 +66,7 @@ def load_for_sampling(ckpt: Path, device: torch.device, *, ema: bool = True) -> 
     """A single-device model with the checkpoint's (EMA) weights, and the run's config dict. `ckpt` is a
     single-process file or an FSDP checkpoint directory (its shards are gathered into the full weights)."""
     if not ckpt.exists():
-        raise CheckpointError(f"checkpoint {ckpt} does not exist")
+        raise MissingCheckpointError(f"checkpoint {ckpt} does not exist")
     which = "ema" if ema else "model"
     try:
         if ckpt.is_dir():

@@ -45,5 +45,5 @@ def test_sample_loads_a_sharded_checkpoint_directory(tmp_path, capsys):
 
 
 def test_sample_bad_input_is_one_line(tmp_path, capsys):
-    assert main(["sample", "--ckpt", str(tmp_path / "nope.pt")]) == 1
+    assert main(["sample", "--ckpt", str(tmp_path / "nope.pt")]) == 2  # a missing file is bad input
     assert capsys.readouterr().err.splitlines() == [f"dsv sample: error: checkpoint {tmp_path / 'nope.pt'} does not exist"]
