@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from echosim.hw import DEFAULT_CLUSTER
+
 MICROBATCHES = 192
 
 
@@ -42,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
                         help="GPU counts (multiples of 8; PP 16 from 128 on)")
-    parser.add_argument("--cluster", default="dgx_h100", help="cluster name or JSON file")
+    parser.add_argument("--cluster", default=DEFAULT_CLUSTER, help="cluster name or JSON file")
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process: one GPU count
     args = parser.parse_args()
     if args.one:

@@ -41,6 +41,7 @@ import torch
 
 from dsv.sim.dit import DiTWorkload
 from echosim.gpt3d import GPTJob
+from echosim.hw import DEFAULT_CLUSTER
 
 COUNTS = (1, 2, 4)
 WORKLOADS = [  # sizes, sequence lengths (16k and 32k tokens), dense and sparse, context parallel
@@ -184,7 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--gpu", default="h200", help="GPU profile the kernel sweeps start from")
-    parser.add_argument("--cluster", default="dgx_h200", help="cluster whose protocols are swept")
+    parser.add_argument("--cluster", default=DEFAULT_CLUSTER, help="cluster whose protocols are swept")
     parser.add_argument("--gpus", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per real run, after 2 warm-up steps")
     parser.add_argument("--stages", nargs="+",

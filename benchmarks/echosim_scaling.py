@@ -11,7 +11,7 @@ import argparse
 import time
 
 from dsv.sim.dit import DiTWorkload
-from echosim.hw import load_cluster
+from echosim.hw import DEFAULT_CLUSTER, load_cluster
 from echosim.report import summary
 from echosim.simulator import build
 from echosim.trace import trace_roles
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8, help="video frames")
     parser.add_argument("--size", type=int, default=32, help="video height = width")
     parser.add_argument("--worlds", type=int, nargs="+", default=[8, 64, 256], help="FSDP world sizes")
-    parser.add_argument("--cluster", default="dgx_h100", help="cluster name or JSON file")
+    parser.add_argument("--cluster", default=DEFAULT_CLUSTER, help="cluster name or JSON file")
     args = parser.parse_args()
     cluster = load_cluster(args.cluster)
     workload = DiTWorkload(preset=args.preset, frames=args.frames, height=args.size, width=args.size)

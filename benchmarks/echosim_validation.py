@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dsv.sim.dit import DiTWorkload
 from echosim.graph import Trace, trace_from_json
-from echosim.hw import HW_DIR, GpuProfile, load_cluster, load_gpu
+from echosim.hw import DEFAULT_CLUSTER, HW_DIR, GpuProfile, load_cluster, load_gpu
 from echosim.hw.calibrate_kernels import database_from_nodes
 from echosim.hw.calibrate_nccl import HELD_OUT, compare, fit_cluster, format_comparison
 from echosim.hw.calibrate_overlap import fit_overlap
@@ -138,7 +138,7 @@ def compare_gpt(evidence: Path, cluster, overlap, prefix: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--evidence", required=True, help="folder written by echosim_gpu_evidence.py")
-    parser.add_argument("--cluster", default="dgx_h200", help="seed cluster the NCCL fit starts from")
+    parser.add_argument("--cluster", default=DEFAULT_CLUSTER, help="seed cluster the NCCL fit starts from")
     parser.add_argument("--write-hw", action="store_true", help="store the fitted files in echosim/hw/")
     parser.add_argument("--report", default="", help="also write the tables to this Markdown file")
     args = parser.parse_args()

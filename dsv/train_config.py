@@ -15,6 +15,7 @@ from dsv.data import DataConfig
 from dsv.models.dit import DIT_PRESETS, DiTConfig
 from dsv.parallel.runtime import DEFAULT_TIMEOUT_S
 from dsv.sparse.config import SparseConfig
+from echosim.hw import DEFAULT_CLUSTER
 from torchkit.cli import UsageError
 from torchkit.config_cli import as_flag, config_to_dict, flatten
 
@@ -57,7 +58,7 @@ class TrainConfig:
         "help": "auto: the planner chooses cp_heads x cp_seq over all ranks from the cluster's costs"})
     cp_heads_inner: bool = field(default=True, metadata={
         "help": "keep the head group on consecutive ranks (one node); --no-cp-heads-inner keeps the sequence group there"})
-    cluster: str = field(default="dgx_h200", metadata={"help": "echosim cluster (name or JSON) the cp planner costs"})
+    cluster: str = field(default=DEFAULT_CLUSTER, metadata={"help": "echosim cluster (name or JSON) the cp planner costs"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "where to train"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "auto = bf16 autocast on CUDA, fp32 on CPU"})

@@ -20,7 +20,7 @@ from echosim.gpt_run import measure_many
 from echosim.gpt_stage import step_problems
 from echosim.gpt_step_trace import step_factory
 from echosim.graph import Trace
-from echosim.hw import Cluster, load_cluster
+from echosim.hw import DEFAULT_CLUSTER, Cluster, load_cluster
 from echosim.overlap import load_overlap
 from echosim.simulator import build
 from echosim.trace import trace_roles
@@ -98,7 +98,7 @@ def validate_gpt(jobs: list[GPTJob], cluster: Cluster, steps: int = 10, *, overl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Predicted vs measured GPT steps for SUITE on this machine's GPUs.")
-    parser.add_argument("--cluster", default="dgx_h200", help="cluster name or JSON (echosim.hw)")
+    parser.add_argument("--cluster", default=DEFAULT_CLUSTER, help="cluster name or JSON (echosim.hw)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per job, after 3 untimed")
     parser.add_argument("--overlap", default="1.0", help="compute slowdown beside communication: a factor, or "
                                                          "JSON from `echosim calibrate --overlap`")

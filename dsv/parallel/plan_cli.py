@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dsv.ops.layout import BLOCK_SIZE
 from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
+from echosim.hw import DEFAULT_CLUSTER
 from torchkit.cli import Parser, UsageError
 from torchkit.config_cli import add_config_arguments, as_flag, config_from_args
 
@@ -26,7 +27,7 @@ class PlanConfig:
     seq_len: int = field(default=131072, metadata={"help": "tokens per video S"})
     batch: int = field(default=1, metadata={"help": "videos per context-parallel group and step"})
     gpus: int = field(default=8, metadata={"help": "context-parallel group size g = g_h * g_s"})
-    cluster: str = field(default="dgx_h200", metadata={"help": "echosim cluster name or JSON path"})
+    cluster: str = field(default=DEFAULT_CLUSTER, metadata={"help": "echosim cluster name or JSON path"})
     profile: str = field(default="", metadata={
         "help": "JSON sparsity profile, (layers, heads) list or {'sparsity': [...]}; empty: --sparsity"})
     sparsity: float = field(default=0.9, metadata={"help": "sparsity of every head without --profile"})
