@@ -112,18 +112,18 @@ def test_stage_two_runs_sparse_with_finite_gradients_and_trains_the_predictors(n
     dense_out = model(**inputs_of(1)).sample.detach()
     handle = in_stage_two(model, min_density=0.5, max_density=0.5)
     before = [p.detach().clone() for p in handle.predictors.parameters()]
-    grads = run(model, inputs_of(1), torch.ones_like(dense_out))
+    sparse = run(model, inputs_of(1), torch.ones_like(dense_out))
     metrics = handle.step_end()
     assert metrics["sparse/density"] == 0.5  # 2 of the 4 video blocks (CogVideoX: plus its text block)
-    assert (grads["out"] - dense_out).abs().max() > 1e-4  # dropped blocks change the output
-    assert all(g.isfinite().all() for g in grads.values())
+    assert (sparse["out"] - dense_out).abs().max() > 1e-4  # dropped blocks change the output
+    assert all(g.isfinite().all() for g in sparse.values())
     changed = [not torch.equal(a, b) for a, b in zip(before, handle.predictors.parameters())]
     assert all(changed)
 
 
 def test_wan_rope_reaches_the_predictor_as_dsv_own_rotary_tables():
     model, grid = wan(), GRID
-    freqs_cos, freqs_sin = model.rope(torch.zeros(1, 4, 2 * grid[0] // 2, 2 * grid[1], 2 * grid[2]))  # (1, N, 1, Dh)
+    freqs_cos, freqs_sin = model.rope(torch.zeros(1, 4, grid[0], 2 * grid[1], 2 * grid[2]))  # (1, N, 1, Dh)
     perm = cube_permutation(grid, CUBE)
     cos, sin = predictor_rope(freqs_cos[0, perm, 0, 0::2], freqs_sin[0, perm, 0, 1::2], (4, 2, 2))
     ref_cos, ref_sin = Rotary3D(HEAD_DIM, 10000.0).cos_sin(grid, CUBE, torch.device("cpu"))  # (N, Dh/2)
@@ -174,6 +174,8 @@ def test_cross_attention_keeps_its_processor_and_remove_restores_self_attention(
     now = model.attn_processors
     assert all(now[n] is p for n, p in originals.items() if ".attn2." in n)
     assert all(type(now[n]).__name__ == "WanDSVProcessor" for n in originals if ".attn1." in n)
+    with pytest.raises(ValueError, match="already installed"):
+        apply_dsv(model, config(), cube=CUBE)
     handle.remove()
     assert all(model.attn_processors[n] is p for n, p in originals.items())
 

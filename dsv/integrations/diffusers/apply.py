@@ -23,7 +23,7 @@ from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from dsv.integrations.diffusers.processors import CogVideoXDSVProcessor, WanDSVProcessor
+from dsv.integrations.diffusers.processors import CogVideoXDSVProcessor, DSVProcessor, WanDSVProcessor
 from dsv.integrations.diffusers.tokens import Dims, TokenGrid
 from dsv.models.dit import DiTConfig
 from dsv.sparse.backend import DSVAttention
@@ -109,7 +109,8 @@ def apply_dsv(transformer: nn.Module, config: SparseConfig, *, cube: Dims = (4, 
     """Install DSV on every self-attention of `transformer` (a WanTransformer3DModel or a
     CogVideoXTransformer3DModel; cross-attention stays dense). Video tokens are put in cube order
     of `cube` inside each processor; config.block_size tokens form one block of the kernels.
-    `seed` draws the predictors' initial weights (the model's RNG stream is left as it was)."""
+    `seed` draws the predictors' initial weights (the model's RNG stream is left as it was). The
+    predictors go to the device of the model's parameters: move the model there first."""
     support = SUPPORTED.get(type(transformer))
     if support is None:
         names = ", ".join(cls.__name__ for cls in SUPPORTED)
@@ -117,6 +118,8 @@ def apply_dsv(transformer: nn.Module, config: SparseConfig, *, cube: Dims = (4, 
     if config.mode != "dsv":
         raise ValueError(f"apply_dsv: config.mode is {config.mode!r}; use SparseConfig(mode='dsv')")
     modules = [block.attn1 for block in getattr(transformer, support.blocks)]
+    if any(isinstance(module.processor, DSVProcessor) for module in modules):
+        raise ValueError("apply_dsv: DSV is already installed on this transformer; call handle.remove() first")
     heads, inner = modules[0].heads, modules[0].to_q.out_features
     if modules[0].to_q.in_features != inner:
         raise ValueError(f"apply_dsv: the predictors take the attention input of width heads x head_dim = {inner}, "

@@ -22,7 +22,9 @@ from dsv.ops.layout import cube_permutation, from_cube_order, to_cube_order
 from dsv.sparse.backend import DSVAttention
 
 
-class _DSVProcessor:
+class DSVProcessor:
+    """What every DSV processor holds: the backend, its layer number, the grid of the running forward."""
+
     def __init__(self, backend: DSVAttention, layer: int, tokens: TokenGrid, rope_axis_pairs: Dims):
         self.backend, self.layer, self.tokens = backend, layer, tokens
         self.rope_axis_pairs = rope_axis_pairs  # the model's rotary pairs per (t, h, w) axis
@@ -32,7 +34,7 @@ class _DSVProcessor:
         return table.index_select(0, cube_permutation(grid, self.tokens.cube, table.device))
 
 
-class WanDSVProcessor(_DSVProcessor):
+class WanDSVProcessor(DSVProcessor):
     """Wan's self-attention (WanAttnProcessor without the image branch, which only attn2 has)."""
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
@@ -67,7 +69,7 @@ def _rotate_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out
 
 
-class CogVideoXDSVProcessor(_DSVProcessor):
+class CogVideoXDSVProcessor(DSVProcessor):
     """CogVideoX's joint attention (CogVideoXAttnProcessor2_0): the sequence is [video in cube
     order, text] here (the model's is [text, video]); the predictor sees the video tokens, the
     text rows and columns are kept (`with_text_blocks`)."""

@@ -2,7 +2,7 @@
 the predictor's layout, and the block lists of a joint text + video sequence.
 
     grid = TokenGrid(cube=(4, 4, 4), block_size=64)      # shared by the layers' processors
-    grid.set((21, 30, 52))                               # by a hook on the patch embedding, per forward
+    grid.set((20, 32, 48))                               # by a hook on the patch embedding, per forward
     cos, sin = predictor_rope(cos, sin, model_axis_pairs=(8, 12, 12))   # (S, D/2) in Rotary3D's layout
     index = with_text_blocks(video_index, seq_len)       # text rows and columns kept
 
