@@ -90,10 +90,19 @@ class DSVAttention:
                  rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """q, k, v (B, H, S, D) in cube order; attn_input (B, S, hidden); rope the model's rotary
         tables (S, D/2) of these tokens. Returns (B, H, S, D)."""
+        return self.attend(q, k, v, self.selection(q, k, layer=layer, attn_input=attn_input, rope=rope))
+
+    def selection(self, q: Tensor, k: Tensor, *, layer: int, attn_input: Tensor,
+                  rope: tuple[Tensor, Tensor] | None = None) -> BlockIndex | None:
+        """Steps 1-3 of the backend call, for a caller that attends itself (e.g. to a longer
+        sequence than the one the predictor sees): the KV blocks of q's blocks, None for dense;
+        the activation-checkpoint recompute replays its forward's selection."""
         if torch.is_grad_enabled() and in_recompute():
-            index = self.step_state.replay(layer)
-        else:
-            index = self._forward(q, k, attn_input, rope, layer)
+            return self.step_state.replay(layer)
+        return self._forward(q, k, attn_input, rope, layer)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, index: BlockIndex | None) -> Tensor:
+        """Step 4, timed: (B, H, S, D) block-sparse over `index`, dense SDPA for None."""
         q = mark_input(q, self.timer, "attention")
         with self.timer.phase("attention"):
             out = attend(q, k, v, index)

@@ -1,0 +1,1 @@
+"""DSV inside other libraries' models: `dsv.integrations.diffusers` (pip install 'dsv[diffusers]')."""
