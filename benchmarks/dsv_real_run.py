@@ -220,12 +220,13 @@ def fmt(value, spec: str) -> str:
 
 
 def markdown(result: dict) -> str:
+    space = result["fd_feature_space"].split(" (")[0]  # "i3d" or "task-encoder"; the full label is below the table
     lines = [f"# DSV on a real run: {result['task']} task, {result['tokens']:,} tokens, {result['gpu']}, {result['date']}",
              "", f"`{result['command']}` at commit {result['commit']}; {result['steps']} steps per run, budgets chosen "
              f"by the algorithm (forced density: {str(result['forced_density']).lower()}), dispatch "
              f"{result['per_seed'][0]['dispatch']}.", "",
              "| seed | switch step | stage-2 steps timed | dense ms | DSV ms | speedup | mean density | mean recall "
-             "| val loss dense | val loss DSV | DSV vs dense | FD dense | FD DSV |", "|" + "---|" * 13]
+             f"| val loss dense | val loss DSV | DSV vs dense | FD dense ({space}) | FD DSV ({space}) |", "|" + "---|" * 13]
     for seed, s in zip(result["seeds"], result["per_seed"]):
         lines.append(f"| {seed} | {fmt(s['switch_step'], 'd')} | {s['stage2_steps_timed']} | {fmt(s['dense_step_ms'], '.1f')} "
                      f"| {fmt(s['dsv_step_ms'], '.1f')} | {fmt(s['speedup'], '.2f')} | {fmt(s['mean_density_stage2'], '.3f')} "
