@@ -113,6 +113,12 @@ def probe_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def eval_main(argv: list[str]) -> int:
+    from dsv.eval import main
+
+    return main(argv)
+
+
 def bench_main(argv: list[str]) -> int:
     if not argv or argv[0] != "dispatch":
         print("usage: dsv bench dispatch --out TABLE.json [options]", file=sys.stderr)
@@ -129,7 +135,7 @@ def plan_main(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": train_main, "sample": sample_main, "report": report_main, "bench": bench_main,
-            "plan": plan_main, "probe": probe_main}
+            "plan": plan_main, "probe": probe_main, "eval": eval_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -236,8 +236,11 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Mean loss on fixed held-out clips with fixed noise and timesteps (comparable across runs)."""
+    def validation_loss(self, t: float | None = None) -> float:
+        """Mean loss on fixed held-out clips with fixed noise and timesteps (comparable across runs); with
+        `t`, every clip at that noise level instead (the noise stays the same for every t)."""
+        if t is not None and not 0.0 <= t <= 1.0:
+            raise UsageError(f"validation noise level t={t}: must be in [0, 1]")
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 7919)
         local = slice(self.mesh.dp_rank * self.local_batch, (self.mesh.dp_rank + 1) * self.local_batch)
         losses = []
@@ -245,10 +248,11 @@ class Trainer:
             self._validation = validation_batches(self.cfg.data, self.cfg.batch_size, self.cfg.val_batches)
         for videos, labels in self._validation:
             noise = torch.randn(videos.shape, generator=gen, device=self.device)[local]
-            t = logit_normal_timesteps(videos.shape[0], generator=gen, device=self.device)[local]
+            times = logit_normal_timesteps(videos.shape[0], generator=gen, device=self.device)[local]
+            times = times if t is None else torch.full_like(times, t)
             videos, labels = videos[local].to(self.device), labels[local].to(self.device)
             cond = labels if self.cfg.model.num_classes else None
-            losses.append(all_reduce_mean(self.loss_on(videos, noise, t, cond).detach(), self.runtime))
+            losses.append(all_reduce_mean(self.loss_on(videos, noise, times, cond).detach(), self.runtime))
         return torch.stack(losses).mean().item()
 
 
