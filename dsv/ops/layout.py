@@ -11,6 +11,7 @@ along w), is a compact 3D neighbourhood, so neighbouring queries share their cri
     x_cube = to_cube_order(x, grid, cube)        # (B, N, ...) raster -> (B, Np, ...) cube order
     x = from_cube_order(x_cube, grid, cube)      # and back: exact (torch.equal)
     valid = block_valid_counts(grid, cube, 64)   # (Np / 64,) int32 real tokens per block
+    padding = CubePadding(grid, cube)            # what a model hands its attention backend
 
 Any grid: real latent grids are rarely multiples of the cube (Wan 480p, 81 frames: 21 x 30 x 52
 after patching). Each axis is padded up to a multiple of the cube, `padded_grid`, so the
@@ -33,6 +34,7 @@ reshape + permute copy).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
 from typing import NamedTuple
@@ -190,3 +192,20 @@ def grid_to_cube_order(x: Tensor, cube: Dims) -> Tensor:
 def cube_order_to_grid(x: Tensor, grid: Dims, cube: Dims) -> Tensor:
     """x (B, Np, ...) in cube order -> (B, T, H, W, ...) of the real grid."""
     return from_cube_order(x, grid, cube).unflatten(1, tuple(grid))
+
+
+@dataclass(frozen=True)
+class CubePadding:
+    """The padding of a partial grid's cube order, as the model hands it to its attention
+    backend: each backend asks for the form it masks with."""
+
+    grid: Dims  # the real token grid
+    cube: Dims
+
+    def tokens(self, device=None) -> Tensor:
+        """(Np,) bool: real tokens of the cube order (`valid_tokens`)."""
+        return valid_tokens(self.grid, self.cube, device)
+
+    def block_counts(self, block_size: int, device=None) -> Tensor:
+        """(NB,) int32: real tokens per block, the first of each (`block_valid_counts`)."""
+        return block_valid_counts(self.grid, self.cube, block_size, device)
