@@ -161,6 +161,11 @@ def block_valid_counts(grid: Dims, cube: Dims, block_size: int, device=None) -> 
     return counts if device is None else counts.to(device)
 
 
+@lru_cache(maxsize=64)
+def _real_positions(grid: Dims, cube: Dims, device: torch.device) -> Tensor:
+    return inverse_cube_permutation(grid, cube, device).sort().values
+
+
 def _check_tokens(x: Tensor, tokens: int, what: str) -> None:
     if x.dim() < 2 or x.shape[1] != tokens:
         raise ValueError(f"expected x of shape (B, N, ...) with N = {what} = {tokens}, got {tuple(x.shape)}")
@@ -205,6 +210,10 @@ class CubePadding:
     def tokens(self, device=None) -> Tensor:
         """(Np,) bool: real tokens of the cube order (`valid_tokens`)."""
         return valid_tokens(self.grid, self.cube, device)
+
+    def positions(self, device=None) -> Tensor:
+        """(N,) long: cube-order positions of the real tokens, ascending."""
+        return _real_positions(self.grid, self.cube, torch.device("cpu") if device is None else torch.device(device))
 
     def block_counts(self, block_size: int, device=None) -> Tensor:
         """(NB,) int32: real tokens per block, the first of each (`block_valid_counts`)."""
