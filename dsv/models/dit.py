@@ -9,6 +9,11 @@ Read top to bottom, in the order the data flows:
                       x += gate * MLP(modulate(LN(x)))
     FinalLayer --> (B, N, p*C) cube order --> raster order --> unpatchify (B, C, T, H, W)
 
+Any token grid: where it is not a multiple of the cube, the cube order pads each axis up to
+one (dsv/ops/layout.py) and every self-attention call gets `padding=`, so that the padding
+tokens are never attended to; they are dropped on the way back to raster order, so the output,
+and any loss on it, holds the real tokens only.
+
 Every self-attention runs through `self.attention_backend(q, k, v, layer=i, attn_input=x, rope=rope)`
 (see dsv/models/attention.py), so dense, sparse and context-parallel attention are swapped
 with `model.set_attention(backend)` without touching this file. Tokens are in 3D-cube order
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsv.models.attention import AttentionBackend, DenseAttention
-from dsv.ops.layout import cube_coordinates, from_cube_order, to_cube_order
+from dsv.ops.layout import CubePadding, cube_coordinates, from_cube_order, is_padded, to_cube_order
 
 Dims = tuple[int, int, int]
 
@@ -85,20 +90,13 @@ class DiTConfig:
 
     def check_input(self, frames: int, height: int, width: int) -> Dims:
         """Token grid (T/pt, H/ph, W/pw) of a (frames, height, width) video; ValueError naming the
-        field when the video is not divisible by `patch` or the token grid not by `cube`."""
+        field when the video is not divisible by `patch`. Any grid fits the cube (padded)."""
         size = (frames, height, width)
         bad = [f"{n}={s} % {p}" for n, s, p in zip(("frames", "height", "width"), size, self.patch) if s % p]
         if bad:
             raise ValueError(f"input (frames, height, width)={size} is not divisible by patch={self.patch} "
                              f"({', '.join(bad)} != 0): resize/crop the video or change `patch`")
-        grid = tuple(s // p for s, p in zip(size, self.patch))
-        bad = [f"{n}={g} % {c}" for n, g, c in zip("thw", grid, self.cube) if g % c]
-        if bad:
-            mult = tuple(p * c for p, c in zip(self.patch, self.cube))
-            raise ValueError(f"token grid {grid} of input {size} is not divisible by cube={self.cube} "
-                             f"({', '.join(bad)} != 0): use frames/height/width that are multiples of "
-                             f"patch*cube = {mult}, or change `cube`")
-        return grid
+        return tuple(s // p for s, p in zip(size, self.patch))
 
 
 # --------------------------------------------------------------------------- 3D patch embedding
@@ -220,12 +218,13 @@ class SelfAttention(nn.Module):
     def attention_backend(self) -> AttentionBackend:
         return self._backend_ref[0]
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], padding: CubePadding | None = None) -> Tensor:
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))  # (B, S, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = Rotary3D.rotate(q, *rope).to(v.dtype), Rotary3D.rotate(k, *rope).to(v.dtype)
-        out = self.attention_backend(q, k, v, layer=self.layer, attn_input=x, rope=rope)  # (B, H, S, Dh)
+        masking = {} if padding is None else {"padding": padding}  # only padded grids pass it (attention.py)
+        out = self.attention_backend(q, k, v, layer=self.layer, attn_input=x, rope=rope, **masking)  # (B, H, S, Dh)
         return self.proj(out.transpose(1, 2).flatten(2))  # (B, S, D)
 
 
@@ -293,9 +292,10 @@ class DiTBlock(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
 
     def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor],
-                text: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
+                text: Tensor | None = None, text_mask: Tensor | None = None,
+                padding: CubePadding | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # each (B, D)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, padding)
         if self.cross is not None:
             x = x + self.cross(self.cross_norm(x), text, text_mask)
         x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -379,7 +379,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"text_dim={cfg.text_dim}: pass text (B, L, text_dim) exactly when text_dim > 0")
         grid = cfg.check_input(*x.shape[2:])
 
-        x = to_cube_order(self.patch_embed(x), grid, cfg.cube)  # (B, N, D), cube order
+        x = to_cube_order(self.patch_embed(x), grid, cfg.cube)  # (B, Np, D), cube order, Np >= N with padding
+        padding = CubePadding(grid, cfg.cube) if is_padded(grid, cfg.cube) else None
         c = self.t_embed(t)  # (B, D)
         if self.y_embed is not None:
             if y is None:  # unconditional: the null label
@@ -387,12 +388,12 @@ class VideoDiT(nn.Module):
             c = c + self.y_embed(y)  # (B, D)
         elif y is not None:
             raise ValueError("num_classes=0: the model is unconditional, pass y=None")
-        rope = self.rope.cos_sin(grid, cfg.cube, x.device)  # each (N, head_dim/2)
+        rope = self.rope.cos_sin(grid, cfg.cube, x.device)  # each (Np, head_dim/2)
 
         for block in self.blocks:
-            x = block(x, c, rope, text, text_mask)  # (B, N, D)
-        x = self.final(x, c)  # (B, N, pt*ph*pw*C), cube order
-        return self.unpatchify(from_cube_order(x, grid, cfg.cube), grid)  # (B, C, T, H, W)
+            x = block(x, c, rope, text, text_mask, padding)  # (B, Np, D)
+        x = self.final(x, c)  # (B, Np, pt*ph*pw*C), cube order
+        return self.unpatchify(from_cube_order(x, grid, cfg.cube), grid)  # (B, C, T, H, W), padding dropped
 
 
 # --------------------------------------------------------------------------- cost: parameters and FLOPs

@@ -140,20 +140,29 @@ class BlockIndex:
         indices = torch.where(indices < n, indices, 0).repeat_interleave(2, dim=-2)[..., :n, :].contiguous()
         return BlockIndex(counts=counts, indices=indices.to(torch.int32), block_size=half, seq_len=self.seq_len)
 
-    def to_block_mask(self, *, token_mask_mod: bool = False) -> BlockMask:
+    def to_block_mask(self, *, token_mask_mod: bool = False, valid: Tensor | None = None) -> BlockMask:
         """The (NQ, NKV)-wide FlexAttention mask. Compiled FlexAttention skips unlisted blocks;
         its eager (CPU) path ignores the lists and applies only mask_mod, so `token_mask_mod`
-        adds one that reads the block map, for the same result there."""
+        adds one that reads the block map, for the same result there. `valid` (NB,) int32, the
+        real tokens of each block (its first ones, dsv/ops/layout.py), adds a mask_mod that
+        drops padding queries and keys."""
         n = self.num_blocks
         b, h, nq, width = self.indices.shape
         wide = torch.zeros(b, h, nq, n, dtype=torch.int32, device=self.indices.device)
         wide[..., :width] = self.indices
-        mask_mod = None
+        mask_mod, block = None, self.block_size
         if token_mask_mod:
-            selected, block = self.to_dense(), self.block_size  # (B, H, NQ, NKV)
+            selected = self.to_dense()  # (B, H, NQ, NKV)
 
             def mask_mod(b, h, q_idx, kv_idx):
                 return selected[b, h, q_idx // block, kv_idx // block]
+
+        if valid is not None:
+            listed = mask_mod
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                real = (q_idx % block < valid[q_idx // block]) & (kv_idx % block < valid[kv_idx // block])
+                return real if listed is None else real & listed(b, h, q_idx, kv_idx)
 
         return BlockMask.from_kv_blocks(
             self.counts, wide, BLOCK_SIZE=self.block_size, mask_mod=mask_mod,

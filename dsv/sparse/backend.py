@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from dsv.models.dit import DiTConfig
 from dsv.ops.block_index import BlockIndex
 from dsv.ops.block_select.mass import num_blocks
+from dsv.ops.layout import CubePadding
 from dsv.parallel.hybrid import ContextParallelAttention
 from dsv.parallel.mesh import ParallelMesh
 from dsv.sparse.config import SparseConfig
@@ -87,29 +88,32 @@ class DSVAttention:
     # ------------------------------------------------------------------ the backend call
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
-                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                 rope: tuple[Tensor, Tensor] | None = None, padding: CubePadding | None = None) -> Tensor:
         """q, k, v (B, H, S, D) in cube order; attn_input (B, S, hidden); rope the model's rotary
-        tables (S, D/2) of these tokens. Returns (B, H, S, D)."""
-        return self.attend(q, k, v, self.selection(q, k, layer=layer, attn_input=attn_input, rope=rope))
+        tables (S, D/2) of these tokens; padding those of a partial grid. Returns (B, H, S, D)."""
+        index = self.selection(q, k, layer=layer, attn_input=attn_input, rope=rope, padding=padding)
+        return self.attend(q, k, v, index, padding)
 
     def selection(self, q: Tensor, k: Tensor, *, layer: int, attn_input: Tensor,
-                  rope: tuple[Tensor, Tensor] | None = None) -> BlockIndex | None:
+                  rope: tuple[Tensor, Tensor] | None = None,
+                  padding: CubePadding | None = None) -> BlockIndex | None:
         """Steps 1-3 of the backend call, for a caller that attends itself (e.g. to a longer
         sequence than the one the predictor sees): the KV blocks of q's blocks, None for dense;
         the activation-checkpoint recompute replays its forward's selection."""
         if torch.is_grad_enabled() and in_recompute():
             return self.step_state.replay(layer)
-        return self._forward(q, k, attn_input, rope, layer)
+        return self._forward(q, k, attn_input, rope, layer, padding)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, index: BlockIndex | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, index: BlockIndex | None,
+               padding: CubePadding | None = None) -> Tensor:
         """Step 4, timed: (B, H, S, D) block-sparse over `index`, dense SDPA for None."""
         q = mark_input(q, self.timer, "attention")
         with self.timer.phase("attention"):
-            out = attend(q, k, v, index)
+            out = attend(q, k, v, index, padding)
         return mark_output(out, self.timer, "attention")
 
     def _forward(self, q: Tensor, k: Tensor, attn_input: Tensor, rope: tuple[Tensor, Tensor] | None,
-                 layer: int) -> BlockIndex | None:
+                 layer: int, padding: CubePadding | None = None) -> BlockIndex | None:
         """Steps 1-3 on one process: the shard is every head and every row; the gradient w.r.t.
         q~, k~ goes straight back through the predictor's graph."""
         plan = self.plan(layer, q.shape[2])
@@ -120,7 +124,7 @@ class DSVAttention:
                 q_lr, k_lr = self.predictors[layer](attn_input, rope)  # each (B, H, S, r)
             leaves = tuple(x.detach().requires_grad_(plan.train) for x in (q_lr, k_lr))
             shard = LayerShard(q=q, k=k, q_lr=leaves[0], k_lr=leaves[1], heads=list(range(self.heads)),
-                               query_start=0)
+                               query_start=0, padding=padding)
             return self.run_layer(plan, shard, leaves, lambda grads: torch.autograd.backward((q_lr, k_lr), grads))
 
     def layer_runs_sparse(self, layer: int, seq_len: int) -> bool:
@@ -166,6 +170,9 @@ class DSVAttention:
         held elsewhere."""
         cfg, heads = self.cfg, shard.heads
         rows = sampled_rows(shard.seq_len, cfg.row_stride, cfg.max_rows, self.step, shard.q.device)  # (M,) of all S
+        if shard.padding is not None:  # the same rule over the real rows
+            real = shard.padding.positions(shard.q.device)  # (N,)
+            rows = real[sampled_rows(real.numel(), cfg.row_stride, cfg.max_rows, self.step, shard.q.device)]
         mine = shard.local_rows(rows)  # (M_loc,)
         with torch.autocast(shard.q.device.type, enabled=False):
             if mine.numel():

@@ -10,6 +10,10 @@ the predicted q~, k~ of every token and every key of those heads. The same funct
     loss = predictor_loss_share(shard, rows, total_rows, cfg)      # (H_r,) share of the one-process loss
     sums = profile(shard, rows, index, total_rows, block_size, tau)  # per-head sums of the profiler
     out = attend(q, k, v, index)                                   # one process (cp: the backend's exchange)
+
+On a partial token grid the shard carries the model's `padding` (dsv/ops/layout.py): selection
+gives padding keys no mass, the predictor trains and the profiler measures on real rows against
+real keys only, and attention masks the padding keys.
 """
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from dsv.models.attention import dense_attention
 from dsv.ops.block_index import BlockIndex
 from dsv.ops.block_select import select_blocks
 from dsv.ops.block_select.mass import num_blocks
+from dsv.ops.layout import CubePadding
 from dsv.ops.sparse_attention import sparse_attention_index
 from dsv.sparse.config import SparseConfig
 from dsv.sparse.predictor import exact_scores, predictor_loss
@@ -60,6 +65,7 @@ class LayerShard:
     k_lr: Tensor  # (B, H_r, S, r) predicted keys of every token
     heads: list[int]  # global ids of the heads held, ascending
     query_start: int  # global id of the first local query row, a multiple of the block
+    padding: CubePadding | None = None  # the padding tokens of a partial grid, None for none
 
     @property
     def seq_len(self) -> int:
@@ -90,16 +96,22 @@ def query_block_rows(index: BlockIndex, first: int, count: int) -> BlockIndex:
 def select(shard: LayerShard, budget: Tensor, block_size: int) -> BlockIndex:
     """budget (H_r,) kept densities -> the KV blocks (global ids) of the local query blocks. Every
     query block of the held heads is selected (the same sort as on one process); the local ones are kept."""
+    valid = None if shard.padding is None else shard.padding.block_counts(block_size, shard.q.device)
     every = select_blocks(shard.q_lr.detach(), shard.k_lr.detach(), block_size=block_size,
-                          budget=budget.to(shard.q.device), mode="fast")
+                          budget=budget.to(shard.q.device), mode="fast", valid=valid)
     return query_block_rows(every, shard.query_start // block_size, num_blocks(shard.q.shape[2], block_size))
 
 
 def predictor_loss_share(shard: LayerShard, rows: Tensor, total_rows: int, cfg: SparseConfig) -> Tensor:
     """rows (M_loc,): sampled rows among the local queries (global ids), of `total_rows` sampled over
     all of S -> (H_r,) the held heads' predictor loss on them (closed form, see predictor.py) times
-    their share of the rows (1 on one process): the shares of a head's query ranges add up to its loss."""
-    loss = predictor_loss(shard.q_lr[:, :, rows], shard.k_lr, shard.q[:, :, rows - shard.query_start], shard.k,
+    their share of the rows (1 on one process): the shares of a head's query ranges add up to its loss.
+    With padding, the score rows are over the real keys only."""
+    k_lr, k = shard.k_lr, shard.k
+    if shard.padding is not None:
+        real = shard.padding.positions(k.device)  # (N,)
+        k_lr, k = k_lr.index_select(2, real), k.index_select(2, real)
+    loss = predictor_loss(shard.q_lr[:, :, rows], k_lr, shard.q[:, :, rows - shard.query_start], k,
                           cosine_weight=cfg.cosine_weight, magnitude_weight=cfg.magnitude_weight)
     return loss * (rows.numel() / total_rows)
 
@@ -113,21 +125,25 @@ def profile(shard: LayerShard, rows: Tensor, index: BlockIndex | None, total_row
     q, k, local = shard.q, shard.k, rows - shard.query_start
     b, h, s = q.shape[0], q.shape[1], k.shape[2]
     selected = index.to_dense() if index is not None else None  # (B, H_r, NQ_loc, NKV) bool
+    real = None if shard.padding is None else shard.padding.tokens(k.device)  # (S,) bool
     sums: dict[str, Tensor] = {}
     chunk = max(1, ROW_CHUNK_ELEMENTS // (b * h * s))
     for start in range(0, local.numel(), chunk):
         part = local[start:start + chunk]
-        probs = torch.softmax(exact_scores(q[:, :, part], k), -1)  # (B, H_r, c, S)
-        for name, value in profile_rows(probs, part, block_size, tau, selected).items():
+        scores = exact_scores(q[:, :, part], k)  # (B, H_r, c, S)
+        probs = torch.softmax(scores if real is None else scores.masked_fill(~real, float("-inf")), -1)
+        for name, value in profile_rows(probs, part, block_size, tau, selected, real).items():
             sums[name] = sums.get(name, 0) + value
     return {name: value / (b * total_rows) for name, value in sums.items()}
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex | None) -> Tensor:
-    """q, k, v (B, H, S, D) -> (B, H, S, D): block-sparse over `index`, dense SDPA for None."""
+def attend(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex | None, padding: CubePadding | None = None) -> Tensor:
+    """q, k, v (B, H, S, D) -> (B, H, S, D): block-sparse over `index`, dense SDPA for None;
+    padding keys masked."""
     if index is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    return sparse_attention_index(q, k, v, index, check_lists=False)  # lists from our selection: no host sync
+        return dense_attention(q, k, v, padding)
+    valid = None if padding is None else padding.block_counts(index.block_size, q.device)
+    return sparse_attention_index(q, k, v, index, check_lists=False, valid=valid)  # our lists: no host sync
 
 
 def to_all_heads(values: Tensor, heads: list[int], total: int) -> Tensor:

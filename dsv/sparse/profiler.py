@@ -31,15 +31,18 @@ def block_sums(probs: Tensor, block_size: int) -> Tensor:
 
 
 def profile_rows(probs: Tensor, rows: Tensor, block_size: int, tau: float,
-                 selected: Tensor | None = None) -> dict[str, Tensor]:
+                 selected: Tensor | None = None, real: Tensor | None = None) -> dict[str, Tensor]:
     """probs (B, H, M, S) exact attention of query rows `rows` (M,); selected (B, H, NQ, NKV) bool
-    or None. Returns per-head sums over (batch, rows) -- divide by B * M for means -- of
-    "key_fraction", "block_fraction" and, with a selection, "recall"; each (H,) float32."""
-    seq_len = probs.shape[-1]
+    or None; real (S,) bool the real tokens of a padded grid (probs 0 at the others), which the
+    fractions count, or None. Returns per-head sums over (batch, rows) -- divide by B * M for
+    means -- of "key_fraction", "block_fraction" and, with a selection, "recall"; each (H,) float32."""
     mass = block_sums(probs, block_size)  # (B, H, M, NKV)
+    keys, blocks = probs.shape[-1], mass.shape[-1]
+    if real is not None:  # fractions of the real keys, and of the blocks that hold any
+        keys, blocks = real.sum(), block_sums(real.view(1, 1, 1, -1), block_size).gt(0).sum()
     out = {
-        "key_fraction": (fewest_covering(probs, tau).float() / seq_len).sum((0, 2)),
-        "block_fraction": (fewest_covering(mass, tau).float() / mass.shape[-1]).sum((0, 2)),
+        "key_fraction": (fewest_covering(probs, tau).float() / keys).sum((0, 2)),
+        "block_fraction": (fewest_covering(mass, tau).float() / blocks).sum((0, 2)),
     }
     if selected is not None:
         inside = selected[:, :, rows // block_size]  # (B, H, M, NKV)

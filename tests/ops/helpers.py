@@ -11,12 +11,12 @@ def run(fn, q, k, v, do):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def assert_close_to_fp64(ours, index, q, k, v, do, atol):
+def assert_close_to_fp64(ours, index, q, k, v, do, atol, valid=None):
     """Flash-attention's rule: our error vs float64 <= 2x PyTorch's error in the same precision + atol.
-    `ours` is [out, dq, dk, dv]."""
+    `ours` is [out, dq, dk, dv]; `valid` the real tokens per block of a padded grid, or None."""
     scale = q.shape[-1] ** -0.5
-    exact = run(lambda *t: dense_masked_attention(*t, index, scale), *(x.double() for x in (q, k, v, do)))
-    torch_same_precision = run(lambda *t: dense_masked_attention(*t, index, scale), q, k, v, do)
+    exact = run(lambda *t: dense_masked_attention(*t, index, scale, valid), *(x.double() for x in (q, k, v, do)))
+    torch_same_precision = run(lambda *t: dense_masked_attention(*t, index, scale, valid), q, k, v, do)
     for name, mine, ref, base in zip(("out", "dq", "dk", "dv"), ours, exact, torch_same_precision):
         error = (mine.double() - ref).abs().max().item()
         torch_error = (base.double() - ref).abs().max().item()

@@ -258,3 +258,59 @@ def test_triton_mass_is_the_same_however_the_keys_are_sliced(slices, monkeypatch
         ref = naive_mass(q, k, BLOCK, 16**-0.5, mode)
         tol = 1e-5 if KERNEL_DEVICE == "cpu" else 2e-3
         torch.testing.assert_close(mass.double(), ref, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------- partial token grids
+def naive_padded_mass(q, k, real, block, scale, mode):
+    """fp64 block masses of the real tokens only: softmax over the real keys, queries averaged
+    (or pooled) over the real rows of each query block. real (S,) bool. -> (B, H, NQ, NKV)."""
+    q, k = q.double(), k.double()
+    n = q.shape[2] // block
+    blocks = [torch.arange(i * block, (i + 1) * block) for i in range(n)]
+    rows = [ids[real[ids]] for ids in blocks]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~real, float("-inf"))
+    if mode == "fast":
+        pooled = torch.stack([q[:, :, r].mean(2) for r in rows], 2)
+        scores = (pooled @ k.transpose(-1, -2) * scale).masked_fill(~real, float("-inf"))
+    probs = torch.softmax(scores, -1)
+    per_row = torch.stack([probs[..., ids].sum(-1) for ids in blocks], -1)
+    if mode == "fast":
+        return per_row
+    return torch.stack([per_row[:, :, r].mean(2) for r in rows], 2)
+
+
+PADDED_GRIDS = {"3x5x7-cube1x4x4": ((3, 5, 7), (1, 4, 4)), "5x6x7-cube4-all-padding-blocks": ((5, 6, 7), (4, 4, 4))}
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("grid,cube", PADDED_GRIDS.values(), ids=PADDED_GRIDS.keys())
+def test_padded_mass_is_the_mass_of_the_real_tokens(grid, cube, use_triton, mode):
+    from dsv.ops.layout import block_valid_counts, valid_tokens
+
+    real = valid_tokens(grid, cube)
+    valid = block_valid_counts(grid, cube, BLOCK)
+    q, k = low_rank(1, 2, real.numel(), seed=5)
+    mass = estimate_block_mass(q.to(KERNEL_DEVICE) if use_triton else q, k.to(KERNEL_DEVICE) if use_triton else k,
+                               block_size=BLOCK, mode=mode, use_triton=use_triton,
+                               valid=valid.to(KERNEL_DEVICE) if use_triton else valid).cpu()
+    has_rows = valid > 0
+    ref = naive_padded_mass(q, k, real, BLOCK, 16**-0.5, mode)
+    torch.testing.assert_close(mass[:, :, has_rows].double(), ref[:, :, has_rows], atol=1e-5, rtol=1e-4)  # fp32
+    assert mass.isfinite().all() and mass[..., ~has_rows].eq(0).all()  # padding keys carry no mass
+
+
+def test_padded_selection_and_recall_ignore_padding_keys():
+    from dsv.ops.layout import block_valid_counts, valid_tokens
+
+    grid, cube = (5, 6, 7), (4, 4, 4)
+    real, valid = valid_tokens(grid, cube), block_valid_counts(grid, cube, BLOCK)
+    q, k = low_rank(1, 2, real.numel(), seed=6)
+    index = select_blocks(q, k, block_size=BLOCK, top_k=3, keep_diagonal=False, use_triton=False, valid=valid)
+    listed = index.to_dense()[:, :, valid > 0]  # the real query blocks' lists
+    assert not listed[..., valid == 0].any(), "a block of padding only is never among the top 3"
+    recall = mass_recall(q, k, index, scale=16**-0.5, valid=valid)
+    probs = torch.softmax((q.double() @ k.double().transpose(-1, -2) / 4).masked_fill(~real, float("-inf")), -1)
+    token_map = index.to_dense().repeat_interleave(BLOCK, 2).repeat_interleave(BLOCK, 3)
+    expected = (probs * token_map)[:, :, real].sum(-1).mean(-1)
+    torch.testing.assert_close(recall.double(), expected, atol=1e-5, rtol=1e-5)

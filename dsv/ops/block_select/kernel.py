@@ -9,6 +9,8 @@ row sets still fill the GPU. Two launches:
 "exact": the rows are the queries of one query block, averaged into one mass row.
 "fast":  the rows are pooled queries (one per query block), each its own mass row.
 Scores exist one (BLOCK_M, BLOCK_N) tile at a time; nothing of size S x S is stored.
+With MASK_PADDING (a partial token grid), the first valid[j] keys of KV block j are its real
+ones: the others score -inf (one load per tile), and "exact" averages the real rows only.
 """
 from __future__ import annotations
 
@@ -27,9 +29,13 @@ PROGRAMS_PER_SM = 4  # key slices are added until the grid has this many program
 
 
 @triton.jit
-def _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2):
-    """Base-2 scores (BLOCK_M, BLOCK_N) of the rows against the keys from `start`; -inf past the sequence."""
+def _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2, valid_ptr,
+            BLOCK_N: tl.constexpr, MASK_PADDING: tl.constexpr):
+    """Base-2 scores (BLOCK_M, BLOCK_N) of the rows against the keys from `start` (a block's first);
+    -inf past the sequence and at padding keys."""
     key_valid = start + offs_n < seq_len
+    if MASK_PADDING:
+        key_valid = key_valid & (offs_n < tl.load(valid_ptr + start // BLOCK_N))
     k = tl.load(k_base + (start + offs_n[:, None]) * stride_k_s,
                 mask=key_valid[:, None] & (offs_r[None, :] < rank), other=0.0)  # (BLOCK_N, RANK)
     s = tl.dot(rows, tl.trans(k)) * scale_log2
@@ -38,13 +44,13 @@ def _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scal
 
 @triton.jit
 def _block_mass_kernel(
-    rows_ptr, k_ptr, mass_ptr, max_ptr, norm_ptr,
+    rows_ptr, k_ptr, mass_ptr, max_ptr, norm_ptr, valid_ptr,
     stride_rows_bh, stride_rows_m,
     stride_k_bh, stride_k_s,
     stride_mass_bh, stride_mass_m,
     n_rows, seq_len, rank, scale_log2, keys_per_slice,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK: tl.constexpr, AVERAGE_ROWS: tl.constexpr,
-    PASS: tl.constexpr,
+    PASS: tl.constexpr, MASK_PADDING: tl.constexpr,
 ):
     row_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -65,9 +71,11 @@ def _block_mass_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         start = first_key
         while start < last_key:  # a while loop: the interpreter cannot range() over a runtime bound
-            s = _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2)
+            s = _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2, valid_ptr,
+                        BLOCK_N, MASK_PADDING)
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no real key yet (all-padding blocks)
+            l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), 1)
             m_i = m_new
             start += BLOCK_N
         stats = (bh * tl.num_programs(2) + key_slice) * n_rows + offs_m  # laid out (BH, slices, rows)
@@ -76,10 +84,15 @@ def _block_mass_kernel(
     else:  # -- normalised probabilities (the rows' merged max and 1 / normaliser), per KV block
         m_i = tl.load(max_ptr + bh * n_rows + offs_m, mask=row_valid, other=0.0)
         inv_l = tl.load(norm_ptr + bh * n_rows + offs_m, mask=row_valid, other=0.0)
-        row_weight = tl.where(row_valid, 1.0, 0.0) / tl.minimum(n_rows - row_block * BLOCK_M, BLOCK_M)
+        rows_here = tl.minimum(n_rows - row_block * BLOCK_M, BLOCK_M)
+        if MASK_PADDING and AVERAGE_ROWS:  # the rows are one query block's: average its real ones
+            rows_here = tl.load(valid_ptr + row_block)
+            row_valid = row_valid & (offs_m - row_block * BLOCK_M < rows_here)
+        row_weight = tl.where(row_valid, 1.0, 0.0) / tl.maximum(rows_here, 1)
         start = first_key
         while start < last_key:
-            s = _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2)
+            s = _scores(rows, k_base, start, offs_n, offs_r, stride_k_s, seq_len, rank, scale_log2, valid_ptr,
+                        BLOCK_N, MASK_PADDING)
             p = tl.exp2(s - m_i[:, None])  # keys past the sequence: exp2(-inf) = 0
             block_mass = tl.sum(p, 1) * inv_l  # (BLOCK_M,)
             out = mass_ptr + bh * stride_mass_bh + start // BLOCK_N
@@ -98,7 +111,8 @@ def _key_slices(row_programs: int, kv_blocks: int, device: torch.device) -> int:
     return max(1, min(kv_blocks, triton.cdiv(target, row_programs)))
 
 
-def block_mass_triton(q_lr: Tensor, k_lr: Tensor, *, block_size: int, scale: float, mode: str) -> Tensor:
+def block_mass_triton(q_lr: Tensor, k_lr: Tensor, *, block_size: int, scale: float, mode: str,
+                      valid: Tensor | None = None) -> Tensor:
     """Launch the kernel: (B, H, S, R) x2 -> (B, H, NQ, NKV) float32."""
     b, h, s, r = q_lr.shape
     n = num_blocks(s, block_size)
@@ -106,7 +120,7 @@ def block_mass_triton(q_lr: Tensor, k_lr: Tensor, *, block_size: int, scale: flo
         raise ValueError(f"block_size must be a power of two >= 16 for tl.dot, got {block_size}")
     k = k_lr.reshape(b * h, s, r).contiguous()
     if mode == "fast":
-        rows = pool_queries(q_lr, block_size).to(k.dtype).reshape(b * h, n, r)  # (BH, NQ, R)
+        rows = pool_queries(q_lr, block_size, valid).to(k.dtype).reshape(b * h, n, r)  # (BH, NQ, R)
         block_m = FAST_ROWS
     else:
         rows = q_lr.reshape(b * h, s, r)  # (BH, S, R)
@@ -121,14 +135,16 @@ def block_mass_triton(q_lr: Tensor, k_lr: Tensor, *, block_size: int, scale: flo
     row_norm = torch.empty_like(row_max)
     launch = dict(
         BLOCK_M=block_m, BLOCK_N=block_size, RANK=max(16, triton.next_power_of_2(r)), AVERAGE_ROWS=mode == "exact",
+        MASK_PADDING=valid is not None,
         num_warps=4 if block_m * block_size <= 64 * 64 else 8,
     )
     args = [rows.stride(0), rows.stride(1), k.stride(0), k.stride(1), mass.stride(0), mass.stride(1),
             rows.shape[1], s, r, scale * LOG2_E, blocks_per_slice * block_size]
     grid = (grid_m, b * h, slices)
-    _block_mass_kernel[grid](rows, k, mass, row_max, row_norm, *args, PASS=1, **launch)
+    valid = mass if valid is None else valid  # without padding never read
+    _block_mass_kernel[grid](rows, k, mass, row_max, row_norm, valid, *args, PASS=1, **launch)
     # -- merge the slices: m = max_s m_s, l = sum_s l_s 2^(m_s - m); pass 2 reads m and 1 / l
     merged_max = row_max.amax(1)  # (BH, rows)
     inv_norm = 1.0 / (row_norm * torch.exp2(row_max - merged_max[:, None])).sum(1)
-    _block_mass_kernel[grid](rows, k, mass, merged_max, inv_norm, *args, PASS=2, **launch)
+    _block_mass_kernel[grid](rows, k, mass, merged_max, inv_norm, valid, *args, PASS=2, **launch)
     return mass.view(b, h, n, n)

@@ -6,7 +6,9 @@ For query block i and KV block j (blocks of `block_size` tokens, the last one pa
     fast:   mass[i, j] = sum_{k in block j} softmax_k(qbar_i . k * scale),  qbar_i = mean query of block i
 
 "exact" costs S^2 exponentials per head, "fast" S^2 / block_size: one pooled query per
-block against every key. Both never hold more than a chunk of rows against all keys
+block against every key. On a partial token grid, `valid` (NB,) int32 gives the real tokens
+of each block, its first ones (dsv/ops/layout.py): padding keys carry no mass, and queries
+are averaged (pooled) over the real ones only. Both never hold more than a chunk of rows against all keys
 (torch path) or one tile (Triton path) of scores; the output is (S/block)^2 per head.
 """
 from __future__ import annotations
@@ -22,20 +24,29 @@ def num_blocks(seq_len: int, block_size: int) -> int:
     return -(-seq_len // block_size)
 
 
-def pool_queries(q: Tensor, block_size: int) -> Tensor:
-    """(B, H, S, R) -> (B, H, NQ, R) float32 mean of each query block over its real rows."""
+def real_rows(seq_len: int, block_size: int, valid: Tensor | None, device) -> Tensor:
+    """(NB, BLOCK) bool: the real tokens of each block (past the sequence, or padding: False)."""
+    n = num_blocks(seq_len, block_size)
+    rows = (torch.arange(n * block_size, device=device) < seq_len).view(n, block_size)
+    if valid is not None:
+        rows = rows & (torch.arange(block_size, device=device) < valid[:, None])
+    return rows
+
+
+def pool_queries(q: Tensor, block_size: int, valid: Tensor | None = None) -> Tensor:
+    """(B, H, S, R) -> (B, H, NQ, R) float32 mean of each query block over its real rows (0 for
+    a block of padding only)."""
     b, h, s, r = q.shape
     n = num_blocks(s, block_size)
     padded = torch.zeros(b, h, n * block_size, r, dtype=torch.float32, device=q.device)
     padded[:, :, :s] = q
-    sums = padded.view(b, h, n, block_size, r).sum(3)  # (B, H, NQ, R)
-    rows = torch.full((n,), block_size, dtype=torch.float32, device=q.device)
-    rows[-1] = s - (n - 1) * block_size  # the tail block is partial
-    return sums / rows[:, None]
+    real = real_rows(s, block_size, valid, q.device)  # (NQ, BLOCK)
+    sums = (padded.view(b, h, n, block_size, r) * real[..., None]).sum(3)  # (B, H, NQ, R)
+    return sums / real.sum(-1, keepdim=True).clamp(min=1)
 
 
-def chunk_block_mass(rows: Tensor, k: Tensor, *, block_size: int, scale: float) -> Tensor:
-    """Softmax of a few rows over all keys, summed per KV block.
+def chunk_block_mass(rows: Tensor, k: Tensor, *, block_size: int, scale: float, valid: Tensor | None = None) -> Tensor:
+    """Softmax of a few rows over all (real) keys, summed per KV block.
 
     rows: (B, H, M, R), k: (B, H, S, R) -> (B, H, M, NKV) float32; holds M x S scores.
     """
@@ -43,6 +54,8 @@ def chunk_block_mass(rows: Tensor, k: Tensor, *, block_size: int, scale: float) 
     s = k.shape[2]
     n = num_blocks(s, block_size)
     scores = rows.float() @ k.float().transpose(-1, -2) * scale  # (B, H, M, S)
+    if valid is not None:
+        scores = scores.masked_fill(~real_rows(s, block_size, valid, k.device).view(-1)[:s], float("-inf"))
     probs = torch.nn.functional.pad(torch.softmax(scores, dim=-1), (0, n * block_size - s))  # tail keys weigh 0
     return probs.view(b, h, m, n, block_size).sum(-1)
 
@@ -53,28 +66,29 @@ def rows_per_chunk(k: Tensor) -> int:
     return max(1, CHUNK_ELEMENTS // (b * h * s))
 
 
-def row_block_mass(rows: Tensor, k: Tensor, *, block_size: int, scale: float) -> Tensor:
+def row_block_mass(rows: Tensor, k: Tensor, *, block_size: int, scale: float, valid: Tensor | None = None) -> Tensor:
     """`chunk_block_mass` over any number of rows, chunked: (B, H, M, NKV) float32."""
     chunk = rows_per_chunk(k)
     parts = [
-        chunk_block_mass(rows[:, :, start : start + chunk], k, block_size=block_size, scale=scale)
+        chunk_block_mass(rows[:, :, start : start + chunk], k, block_size=block_size, scale=scale, valid=valid)
         for start in range(0, rows.shape[2], chunk)
     ]
     return torch.cat(parts, dim=2)
 
 
-def block_mass_reference(q_lr: Tensor, k_lr: Tensor, *, block_size: int, scale: float, mode: str) -> Tensor:
+def block_mass_reference(q_lr: Tensor, k_lr: Tensor, *, block_size: int, scale: float, mode: str,
+                         valid: Tensor | None = None) -> Tensor:
     """Plain PyTorch estimate (CPU, tests): (B, H, S, R) x2 -> (B, H, NQ, NKV) float32."""
     if mode == "fast":
-        return row_block_mass(pool_queries(q_lr, block_size), k_lr, block_size=block_size, scale=scale)
+        pooled = pool_queries(q_lr, block_size, valid)
+        return row_block_mass(pooled, k_lr, block_size=block_size, scale=scale, valid=valid)
     b, h, s, _ = q_lr.shape
     n = num_blocks(s, block_size)
-    per_row = row_block_mass(q_lr, k_lr, block_size=block_size, scale=scale)  # (B, H, S, NKV)
+    per_row = row_block_mass(q_lr, k_lr, block_size=block_size, scale=scale, valid=valid)  # (B, H, S, NKV)
     padded = torch.nn.functional.pad(per_row, (0, 0, 0, n * block_size - s))
-    sums = padded.view(b, h, n, block_size, n).sum(3)  # (B, H, NQ, NKV)
-    rows = torch.full((n, 1), block_size, dtype=torch.float32, device=q_lr.device)
-    rows[-1] = s - (n - 1) * block_size
-    return sums / rows
+    real = real_rows(s, block_size, valid, q_lr.device)  # (NQ, BLOCK)
+    sums = (padded.view(b, h, n, block_size, n) * real[..., None]).sum(3)  # (B, H, NQ, NKV)
+    return sums / real.sum(-1, keepdim=True).clamp(min=1)
 
 
 def estimate_block_mass(
@@ -85,6 +99,7 @@ def estimate_block_mass(
     scale: float | None = None,
     mode: str = "fast",
     use_triton: bool | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Estimated attention mass of every query block on every KV block.
 
@@ -95,7 +110,9 @@ def estimate_block_mass(
         the block's mean query); see the module docstring.
     use_triton: default True on CUDA tensors; True on CPU runs the Triton kernel under
         TRITON_INTERPRET=1 (tests).
-    Returns (B, H, NQ, NKV) float32; each row sums to 1.
+    valid: (NB,) int32 real tokens per block of a partial grid (see above), or None.
+    Returns (B, H, NQ, NKV) float32; each row sums to 1 (an all-padding query block: the mass
+    of a zero query).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -105,7 +122,7 @@ def estimate_block_mass(
     if use_triton is None:
         use_triton = q_lr.is_cuda
     if not use_triton:
-        return block_mass_reference(q_lr, k_lr, block_size=block_size, scale=scale, mode=mode)
+        return block_mass_reference(q_lr, k_lr, block_size=block_size, scale=scale, mode=mode, valid=valid)
     from dsv.ops.block_select.kernel import block_mass_triton  # triton is Linux-only: import on use
 
-    return block_mass_triton(q_lr, k_lr, block_size=block_size, scale=scale, mode=mode)
+    return block_mass_triton(q_lr, k_lr, block_size=block_size, scale=scale, mode=mode, valid=valid)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from dsv.ops.block_index import BlockIndex
-from dsv.ops.block_select.mass import chunk_block_mass, rows_per_chunk
+from dsv.ops.block_select.mass import chunk_block_mass, real_rows, rows_per_chunk
 
 
 def mass_recall(
@@ -22,8 +22,11 @@ def mass_recall(
     scale: float | None = None,
     sample_rows: int | None = None,
     generator: torch.Generator | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """q, k: (B, H, S, D); index: the selection (its B, H may be 1 and broadcast).
+    """q, k: (B, H, S, D); index: the selection (its B, H may be 1 and broadcast); valid (NB,)
+    int32 the real tokens per block of a partial grid: the mass is over real keys, the rows
+    are real rows.
 
     sample_rows: None for every query row, else that many rows drawn without replacement
         (one draw shared by all batches and heads; `generator` is a CPU generator).
@@ -38,11 +41,13 @@ def mass_recall(
         rows = torch.arange(s, device=q.device)
     else:
         rows = torch.randperm(s, generator=generator)[:sample_rows].sort().values.to(q.device)
+    if valid is not None:
+        rows = rows[real_rows(s, index.block_size, valid, q.device).view(-1)[rows]]
     total = torch.zeros(b, h, dtype=torch.float32, device=q.device)
     chunk = rows_per_chunk(k)
     for start in range(0, rows.numel(), chunk):
         part = rows[start : start + chunk]
-        mass = chunk_block_mass(q[:, :, part], k, block_size=index.block_size, scale=scale)  # (B, H, c, NKV)
+        mass = chunk_block_mass(q[:, :, part], k, block_size=index.block_size, scale=scale, valid=valid)  # (B, H, c, NKV)
         inside = selected[:, :, part // index.block_size]  # (B, H, c, NKV)
         total += (mass * inside).sum((-1, -2))
     return total / rows.numel()

@@ -109,9 +109,12 @@ def select_blocks(
     scale: float | None = None,
     mode: str = "fast",
     use_triton: bool | None = None,
+    valid: Tensor | None = None,
 ) -> BlockIndex:
-    """Estimate block masses from q~, k~ (B, H, S, R) and select KV blocks per query block."""
-    mass = estimate_block_mass(q_lr, k_lr, block_size=block_size, scale=scale, mode=mode, use_triton=use_triton)
+    """Estimate block masses from q~, k~ (B, H, S, R) and select KV blocks per query block;
+    valid (NB,) int32 the real tokens per block of a partial grid (padding keys carry no mass)."""
+    mass = estimate_block_mass(q_lr, k_lr, block_size=block_size, scale=scale, mode=mode, use_triton=use_triton,
+                               valid=valid)
     return select_from_mass(
         mass, block_size=block_size, seq_len=q_lr.shape[2], top_k=top_k, top_p=top_p, budget=budget,
         min_blocks=min_blocks, max_blocks=max_blocks, keep_diagonal=keep_diagonal, use_triton=use_triton,

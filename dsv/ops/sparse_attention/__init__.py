@@ -9,6 +9,12 @@ dim 128, forward and backward run the warp-specialised Gluon kernels, see `kerne
 (torch FlexAttention with the same mask, compiled on CUDA), "reference" (plain PyTorch that
 gathers the selected blocks; what CPU training uses) and "auto" (triton on CUDA, or flex
 for head dims whose rows are not a multiple of 16 bytes; reference on CPU).
+
+Partial token grids (dsv/ops/layout.py): `valid` (NB,) int32, the real tokens of each block,
+which are its first ones (`layout.block_valid_counts`). Every backend then drops the padding
+keys and gives the padding query rows output 0 and no gradient: the result is that of the
+dense mask `block selected & real query & real key`. The Gluon kernels do not mask; inputs
+with `valid` run the Triton kernels (`kernels.kernel_impl`).
 """
 from __future__ import annotations
 
@@ -25,33 +31,37 @@ BACKENDS = ("auto", "triton", "flex", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
-__all__ = ["sparse_attention", "sparse_attention_index", "dense_masked_attention", "gathered_attention", "flex_kernel_options"]
+__all__ = ["sparse_attention", "sparse_attention_index", "dense_masked_attention", "gathered_attention",
+           "flex_kernel_options", "check_valid_counts", "halve_valid"]
 
 
 def sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *, scale: float | None = None, backend: str = "auto"
+    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *, scale: float | None = None, backend: str = "auto",
+    valid: Tensor | None = None,
 ) -> Tensor:
     """q, k, v: (B, H, S, D); `block_mask` (for S queries and keys, batch and heads B or 1, H
-    or 1) selects whole blocks (its mask_mod is ignored). Converts the mask to compact lists
-    once and runs `sparse_attention_index`."""
+    or 1) selects whole blocks (its mask_mod is ignored); valid (NB,) int32 or None, see the
+    module docstring. Converts the mask to compact lists once and runs `sparse_attention_index`."""
     _check_inputs(q, k, v, backend)
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a BlockMask, got {type(block_mask).__name__}")
     check_block_mask(block_mask, q.shape[-2])
     _check_batch_and_heads("BlockMask", tuple(block_mask.kv_num_blocks.shape[:2]), q)
-    if backend == "flex" and q.is_cuda:
+    if backend == "flex" and q.is_cuda and valid is None:
         return _flex(q, k, v, block_mask, _scale(q, scale))
     index = BlockIndex.from_block_mask(block_mask, seq_len=q.shape[-2])
-    return sparse_attention_index(q, k, v, index, scale=scale, backend=backend, check_lists=False)  # lists built here
+    return sparse_attention_index(q, k, v, index, scale=scale, backend=backend, check_lists=False,  # lists built here
+                                  valid=valid)
 
 
 def sparse_attention_index(
     q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, *, scale: float | None = None, backend: str = "auto",
-    check_lists: bool = True,
+    check_lists: bool = True, valid: Tensor | None = None,
 ) -> Tensor:
     """q, k, v: (B, H, S, D); index: lists of KV blocks per (B or 1, H or 1, query block); a
-    query block with an empty list gets output 0 and zero gradients. Returns (B, H, S, D) in
-    q's dtype; differentiable in q, k, v.
+    query block with an empty list gets output 0 and zero gradients; valid: (NB,) int32 real
+    tokens per block of a partial grid, or None (see the module docstring). Returns
+    (B, H, S, D) in q's dtype; differentiable in q, k, v.
 
     The index's shapes are always checked against q. `check_lists` also checks its values
     (`BlockIndex.check_lists`: counts in range, ids in range, each block once, ascending),
@@ -62,19 +72,23 @@ def sparse_attention_index(
     _check_inputs(q, k, v, backend)
     b, h, s, _ = q.shape
     index = _check_index(index, q)
+    _check_valid(valid, index, q)
     if check_lists:
         index.check_lists()
+        if valid is not None:
+            check_valid_counts(valid, index.block_size, s)
     scale = _scale(q, scale)
     if backend == "auto":
         backend = "reference" if not q.is_cuda else "triton" if _tma_readable(q) else "flex"
     if backend == "reference":
-        return gathered_attention(q, k, v, index, scale)
+        return gathered_attention(q, k, v, index, scale, valid)
     if backend == "flex":
-        return _flex(q, k, v, index.to_block_mask(token_mask_mod=not q.is_cuda), scale)
+        return _flex(q, k, v, index.to_block_mask(token_mask_mod=not q.is_cuda, valid=valid), scale)
     _check_kernel_inputs(q, index)
     if q.shape[-1] > 128 and index.block_size > 64:
+        valid = None if valid is None else halve_valid(valid, index.block_size, s)
         index = index.halve_blocks()  # 128-row tiles of a head wider than 128 overflow shared memory
-    return _SparseAttention.apply(q, k, v, index.counts, index.indices, index.block_size, scale)
+    return _SparseAttention.apply(q, k, v, index.counts, index.indices, index.block_size, scale, valid)
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -82,13 +96,13 @@ class _SparseAttention(torch.autograd.Function):
     over the transposed lists)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, counts, indices, block_size, scale):
+    def forward(ctx, q, k, v, counts, indices, block_size, scale, valid):
         from dsv.ops.sparse_attention import kernels
 
         q, k, v = (_tma_ready(t) for t in (q, k, v))
         index = BlockIndex(counts=counts, indices=indices, block_size=block_size, seq_len=q.shape[-2])
-        o, lse = kernels.forward(q, k, v, index, scale)
-        ctx.block_size, ctx.scale = block_size, scale
+        o, lse = kernels.forward(q, k, v, index, scale, valid)
+        ctx.block_size, ctx.scale, ctx.valid = block_size, scale, valid
         if not any(ctx.needs_input_grad[:3]):  # no backward will run (sampling, no_grad evaluation)
             return o
         # the backward walks the transposed lists; building them here hides their launches
@@ -104,9 +118,10 @@ class _SparseAttention(torch.autograd.Function):
         q, k, v, o, lse, counts, indices, *transposed = ctx.saved_tensors
         index = BlockIndex(counts=counts, indices=indices, block_size=ctx.block_size, seq_len=q.shape[-2])
         dq, dk, dv = kernels.backward(
-            _tma_ready(do), q, k, v, o, lse, index, ctx.scale, transposed=TransposedBlockIndex(*transposed)
+            _tma_ready(do), q, k, v, o, lse, index, ctx.scale, transposed=TransposedBlockIndex(*transposed),
+            valid=ctx.valid,
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _tma_readable(q: Tensor) -> bool:
@@ -178,6 +193,33 @@ def _check_index(index: BlockIndex, q: Tensor) -> BlockIndex:
     if index.counts.dtype != torch.int32 or index.indices.dtype != torch.int32:
         raise TypeError("block index counts and indices must be int32")
     return index if (ib, ih) == (b, h) else index.expand(b, h)
+
+
+def _check_valid(valid: Tensor | None, index: BlockIndex, q: Tensor) -> None:
+    if valid is None:
+        return
+    if valid.shape != (index.num_blocks,) or valid.dtype != torch.int32:
+        raise ValueError(f"valid must be ({index.num_blocks},) int32, one count of real tokens per block of "
+                         f"{index.block_size}, got {tuple(valid.shape)} {valid.dtype}")
+    if valid.device != q.device:
+        raise ValueError(f"valid is on {valid.device}, q on {q.device}")
+
+
+def check_valid_counts(valid: Tensor, block_size: int, seq_len: int) -> None:
+    """ValueError unless every count is in [0, the block's length]; reads back (a host sync)."""
+    lengths = (seq_len - block_size * torch.arange(valid.numel(), device=valid.device)).clamp(max=block_size)
+    bad = ((valid < 0) | (valid > lengths)).nonzero()
+    if bad.numel():
+        i = bad[0].item()
+        raise ValueError(f"valid[{i}] = {valid[i].item()}: a block's count of real tokens must be in "
+                         f"[0, {lengths[i].item()}]")
+
+
+def halve_valid(valid: Tensor, block_size: int, seq_len: int) -> Tensor:
+    """Real-token counts of the same tokens in blocks of half the size (`BlockIndex.halve_blocks`)."""
+    half = block_size // 2
+    halves = torch.stack([valid.clamp(max=half), (valid - half).clamp(min=0)], -1).reshape(-1)  # (2 NB,)
+    return halves[: -(-seq_len // half)].contiguous()
 
 
 def _check_batch_and_heads(what: str, batch_heads: tuple[int, int], q: Tensor) -> None:

@@ -18,6 +18,14 @@ delta are (B, H, S) fp32. Rows past S in the last block are loaded as 0 and neve
 past S are masked to -inf in the forward (in the backward their k = v = 0 make their
 contribution vanish). A query block with an empty list gets output 0 and lse = +inf; its dQ
 loop runs no iteration and no transposed list holds it, so its gradients are 0 too.
+
+Padding tokens of a partial token grid (dsv/ops/layout.py): with MASK_PADDING, `valid` holds
+the real tokens of each block, which are its first ones. Key columns >= valid[kv_block] get
+-inf in the forward and probability 0 in the backward (one load per KV block); query rows
+>= valid[q_block] get output 0 and lse = +inf, so every probability the backward recomputes
+for them is 0 and they send no gradient to K and V whatever their dO. A row that meets no real
+key (a list of fully padded blocks) keeps a running max of -inf: the exponent is taken
+against 0 instead, and the row ends like an empty list.
 `forward` and `backward` run the Gluon kernels of gluon_forward.py and gluon_backward.py
 instead where `kernel_impl` says so (Hopper, head dim 128); the launchers here are Triton's.
 This module is imported lazily, so tests can set TRITON_INTERPRET=1 before it is.
@@ -86,7 +94,7 @@ def _prune(configs, named_args, **kwargs):
 FWD_OPTIONS = [(128, 8, 3), (128, 8, 2), (64, 8, 3), (64, 4, 3), (64, 4, 2)]
 DKDV_OPTIONS = [(64, 8, 2), (64, 8, 3), (64, 4, 2), (32, 4, 3)]
 DQ_OPTIONS = [(128, 8, 2), (64, 8, 3), (64, 8, 2), (64, 4, 3), (32, 4, 3)]
-TUNING_KEY = ["HEAD_DIM_P", "BLOCK", "EVEN_S"]
+TUNING_KEY = ["HEAD_DIM_P", "BLOCK", "EVEN_S", "MASK_PADDING"]
 AUTOTUNE = dict(key=TUNING_KEY, prune_configs_by={"early_config_prune": _prune})
 
 
@@ -119,9 +127,9 @@ def _load_box(desc, bh, first_row, ROWS: tl.constexpr, HEAD_DIM_P: tl.constexpr)
 @triton.autotune(configs=_configs(FWD_OPTIONS), **AUTOTUNE)
 @triton.jit
 def _forward_kernel(
-    Q, KD, VD, O, LSE, kv_counts, kv_indices, qk_scale, S, NQ, MAXSEL,
+    Q, KD, VD, O, LSE, kv_counts, kv_indices, VALID, qk_scale, S, NQ, MAXSEL,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, MASK_PADDING: tl.constexpr,
 ):
     T: tl.constexpr = TILE if TILE < BLOCK else BLOCK
     q_block = tl.program_id(0)
@@ -138,18 +146,25 @@ def _forward_kernel(
     num_selected = tl.load(kv_counts + row)
     for i in range(num_selected):
         kv_block = tl.load(kv_indices + row * MAXSEL + i)
+        if MASK_PADDING:
+            kv_valid = tl.load(VALID + kv_block)
         for j in tl.static_range(BLOCK // T):
             first_key = kv_block * BLOCK + j * T
             k = _load_box(KD, bh, first_key, T, HEAD_DIM_P)  # (T, D)
             v = _load_box(VD, bh, first_key, T, HEAD_DIM_P)
-            # -- raw scores; keys past S (masked tail) get -inf
+            # -- raw scores; keys past S (masked tail) and padding keys get -inf
             qk = tl.dot(q, tl.trans(k))  # (BLOCK, T)
             if not EVEN_S:
                 qk = tl.where(first_key + tl.arange(0, T)[None, :] < S, qk, float("-inf"))
+            if MASK_PADDING:
+                qk = tl.where(j * T + tl.arange(0, T)[None, :] < kv_valid, qk, float("-inf"))
             # -- running max in base 2; the scale folds into one FMA per score
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
+            m_ref = m_new
+            if MASK_PADDING:  # rows that have met no real key yet: exponents against 0, not -inf
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+            alpha = tl.math.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
@@ -157,6 +172,9 @@ def _forward_kernel(
     # -- normalise and save the base-2 log-sum-exp for the backward pass; an empty list leaves
     #    acc = 0, l = 0: output 0, and lse = +inf makes every probability recomputed from it 0
     nonempty = num_selected > 0
+    if MASK_PADDING:  # -- padding query rows and rows without a real key end as an empty list
+        nonempty = nonempty & (tl.arange(0, BLOCK) < tl.load(VALID + q_block)) & (l_i > 0)
+        acc = tl.where(nonempty[:, None], acc, 0.0)
     l_i = tl.where(nonempty, l_i, 1.0)
     acc = acc / l_i[:, None]
     _store_tile(O + base, acc.to(O.dtype.element_ty), rows, cols, S, HEAD_DIM, EVEN_S, EVEN_D)
@@ -177,9 +195,9 @@ def _delta_kernel(O, DO, DELTA, S, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.conste
 @triton.autotune(configs=_configs(DKDV_OPTIONS), **AUTOTUNE)
 @triton.jit
 def _dkdv_kernel(
-    QD, K, V, DOD, LSE, DELTA, DK, DV, q_counts, q_offsets, q_blocks, scale, qk_scale, S, NKV, LIST_WIDTH,
+    QD, K, V, DOD, LSE, DELTA, DK, DV, q_counts, q_offsets, q_blocks, VALID, scale, qk_scale, S, NKV, LIST_WIDTH,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, MASK_PADDING: tl.constexpr,
 ):
     T: tl.constexpr = TILE if TILE < BLOCK else BLOCK
     kv_block = tl.program_id(0)
@@ -191,6 +209,8 @@ def _dkdv_kernel(
     v = _load_tile(V + base, keys, cols, S, HEAD_DIM, EVEN_S, EVEN_D)
     dk = tl.zeros([BLOCK, HEAD_DIM_P], dtype=tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM_P], dtype=tl.float32)
+    if MASK_PADDING:  # padding keys of this block: probability 0 against every query
+        key_real = tl.arange(0, BLOCK) < tl.load(VALID + kv_block)
 
     column = bh * NKV + kv_block
     num_selecting = tl.load(q_counts + column)
@@ -207,6 +227,8 @@ def _dkdv_kernel(
             delta = tl.load(DELTA + bh * S + rows, mask=rows < S, other=0.0)
             # -- recompute the probabilities, transposed: (BLOCK, T)
             p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+            if MASK_PADDING:
+                p_t = tl.where(key_real[:, None], p_t, 0.0)
             # -- dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
             dv = tl.dot(p_t.to(do.dtype), do, dv)
             dp_t = tl.dot(v, tl.trans(do))
@@ -220,9 +242,9 @@ def _dkdv_kernel(
 @triton.autotune(configs=_configs(DQ_OPTIONS), **AUTOTUNE)
 @triton.jit
 def _dq_kernel(
-    Q, KD, VD, DO, LSE, DELTA, DQ, kv_counts, kv_indices, scale, qk_scale, S, NQ, MAXSEL,
+    Q, KD, VD, DO, LSE, DELTA, DQ, kv_counts, kv_indices, VALID, scale, qk_scale, S, NQ, MAXSEL,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, MASK_PADDING: tl.constexpr,
 ):
     T: tl.constexpr = TILE if TILE < BLOCK else BLOCK
     q_block = tl.program_id(0)
@@ -240,12 +262,16 @@ def _dq_kernel(
     num_selected = tl.load(kv_counts + row)
     for i in range(num_selected):
         kv_block = tl.load(kv_indices + row * MAXSEL + i)
+        if MASK_PADDING:
+            kv_valid = tl.load(VALID + kv_block)
         for j in tl.static_range(BLOCK // T):
             first_key = kv_block * BLOCK + j * T
             k = _load_box(KD, bh, first_key, T, HEAD_DIM_P)  # (T, D)
             v = _load_box(VD, bh, first_key, T, HEAD_DIM_P)
             # -- recompute P; dS = P * (dO V^T - delta);  dQ += dS K  (keys past S: k = 0)
             p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK, T)
+            if MASK_PADDING:
+                p = tl.where(j * T + tl.arange(0, T)[None, :] < kv_valid, p, 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -257,11 +283,12 @@ def _padded(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _shape_args(q: Tensor, index: BlockIndex) -> dict:
+def _shape_args(q: Tensor, index: BlockIndex, valid: Tensor | None) -> dict:
     head_dim = q.shape[-1]
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_P=_padded(head_dim), BLOCK=index.block_size,
         EVEN_S=q.shape[-2] % index.block_size == 0, EVEN_D=head_dim == _padded(head_dim),
+        MASK_PADDING=valid is not None,
     )
 
 
@@ -282,13 +309,16 @@ def _launch(tuner, num_blocks: int, batch_heads: int, args: dict, shape: dict, c
         tuner.fn[grid](**args, **shape, **config.all_kwargs())
 
 
-def launch_forward(q, k, v, o, lse, index: BlockIndex, scale: float, config: triton.Config | None = None) -> None:
-    """Fills o (B, H, S, D) and the base-2 log-sum-exp lse (B, H, S) fp32."""
+def launch_forward(q, k, v, o, lse, index: BlockIndex, scale: float, config: triton.Config | None = None,
+                   valid: Tensor | None = None) -> None:
+    """Fills o (B, H, S, D) and the base-2 log-sum-exp lse (B, H, S) fp32; valid (NB,) int32
+    real tokens per block, or None (no padding)."""
     b, h, s, _ = q.shape
     nq, maxsel = index.indices.shape[-2:]
     args = dict(Q=q, KD=_descriptor(k), VD=_descriptor(v), O=o, LSE=lse, kv_counts=index.counts,
-                kv_indices=index.indices, qk_scale=scale * LOG2E, S=s, NQ=nq, MAXSEL=maxsel)
-    _launch(_forward_kernel, nq, b * h, args, _shape_args(q, index), config)
+                kv_indices=index.indices, VALID=_valid_arg(valid, index), qk_scale=scale * LOG2E, S=s, NQ=nq,
+                MAXSEL=maxsel)
+    _launch(_forward_kernel, nq, b * h, args, _shape_args(q, index, valid), config)
 
 
 def launch_delta(o: Tensor, do: Tensor, delta: Tensor) -> None:
@@ -298,30 +328,38 @@ def launch_delta(o: Tensor, do: Tensor, delta: Tensor) -> None:
 
 
 def launch_dkdv(q, k, v, do, lse, delta, dk, dv, index: BlockIndex, transposed: TransposedBlockIndex, scale: float,
-                config: triton.Config | None = None) -> None:
+                config: triton.Config | None = None, valid: Tensor | None = None) -> None:
     """Fills dk, dv (B, H, S, D), walking the transposed lists."""
     b, h, s, _ = q.shape
     args = dict(QD=_descriptor(q), K=k, V=v, DOD=_descriptor(do), LSE=lse, DELTA=delta, DK=dk, DV=dv,
                 q_counts=transposed.counts, q_offsets=transposed.offsets, q_blocks=transposed.q_blocks,
-                scale=scale, qk_scale=scale * LOG2E, S=s, NKV=index.num_blocks, LIST_WIDTH=transposed.q_blocks.shape[-1])
-    _launch(_dkdv_kernel, index.num_blocks, b * h, args, _shape_args(q, index), config)
+                VALID=_valid_arg(valid, index), scale=scale, qk_scale=scale * LOG2E, S=s, NKV=index.num_blocks,
+                LIST_WIDTH=transposed.q_blocks.shape[-1])
+    _launch(_dkdv_kernel, index.num_blocks, b * h, args, _shape_args(q, index, valid), config)
 
 
-def launch_dq(q, k, v, do, lse, delta, dq, index: BlockIndex, scale: float, config: triton.Config | None = None) -> None:
+def launch_dq(q, k, v, do, lse, delta, dq, index: BlockIndex, scale: float, config: triton.Config | None = None,
+              valid: Tensor | None = None) -> None:
     """Fills dq (B, H, S, D), walking the forward lists."""
     b, h, s, _ = q.shape
     nq, maxsel = index.indices.shape[-2:]
     args = dict(Q=q, KD=_descriptor(k), VD=_descriptor(v), DO=do, LSE=lse, DELTA=delta, DQ=dq,
-                kv_counts=index.counts, kv_indices=index.indices, scale=scale, qk_scale=scale * LOG2E,
-                S=s, NQ=nq, MAXSEL=maxsel)
-    _launch(_dq_kernel, nq, b * h, args, _shape_args(q, index), config)
+                kv_counts=index.counts, kv_indices=index.indices, VALID=_valid_arg(valid, index), scale=scale,
+                qk_scale=scale * LOG2E, S=s, NQ=nq, MAXSEL=maxsel)
+    _launch(_dq_kernel, nq, b * h, args, _shape_args(q, index, valid), config)
 
 
-def kernel_impl(q: Tensor, block_size: int) -> str:
+def _valid_arg(valid: Tensor | None, index: BlockIndex) -> Tensor:
+    """The VALID pointer; without padding the kernels never read it (any int32 tensor will do)."""
+    return index.counts if valid is None else valid
+
+
+def kernel_impl(q: Tensor, block_size: int, *, padded: bool = False) -> str:
     """"gluon" (the warp-specialised Hopper kernels of gluon_forward.py and gluon_backward.py,
     1.05-1.4x faster each than this module's where they apply: head dim 128, 16-bit inputs,
-    blocks of 128 or an even number of 64-blocks) or "triton" (this module's kernels)."""
-    if q.is_cuda and not INTERPRETED:
+    blocks of 128 or an even number of 64-blocks, no padding tokens) or "triton" (this module's
+    kernels, which alone mask the padding tokens of partial blocks: `padded`)."""
+    if q.is_cuda and not INTERPRETED and not padded:
         from dsv.ops.sparse_attention.gluon_forward import gluon_forward_supported
 
         if gluon_forward_supported(q, block_size):
@@ -329,23 +367,25 @@ def kernel_impl(q: Tensor, block_size: int) -> str:
     return "triton"
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) -> tuple[Tensor, Tensor]:
-    """Returns o (B, H, S, D) and the base-2 log-sum-exp (B, H, S) fp32."""
+def forward(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float,
+            valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Returns o (B, H, S, D) and the base-2 log-sum-exp (B, H, S) fp32; valid (NB,) int32 real
+    tokens per block or None."""
     b, h, s, _ = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    if kernel_impl(q, index.block_size) == "gluon":
+    if kernel_impl(q, index.block_size, padded=valid is not None) == "gluon":
         from dsv.ops.sparse_attention import gluon_forward
 
         gluon_forward.launch_forward(q, k, v, o, lse, index, scale)
     else:
-        launch_forward(q, k, v, o, lse, index, scale)
+        launch_forward(q, k, v, o, lse, index, scale, valid=valid)
     return o, lse
 
 
 def backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: BlockIndex, scale: float,
-    transposed: TransposedBlockIndex | None = None,
+    transposed: TransposedBlockIndex | None = None, valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv for contiguous (B, H, S, D) inputs; dK/dV walk the transposed lists
     (`index.transpose()`, built here unless given)."""
@@ -353,12 +393,12 @@ def backward(
     launch_delta(o, do, delta)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     transposed = index.transpose() if transposed is None else transposed
-    if kernel_impl(q, index.block_size) == "gluon":
+    if kernel_impl(q, index.block_size, padded=valid is not None) == "gluon":
         from dsv.ops.sparse_attention import gluon_backward
 
         gluon_backward.launch_dkdv(q, k, v, do, lse, delta, dk, dv, index, transposed, scale)
         gluon_backward.launch_dq(q, k, v, do, lse, delta, dq, index, scale)
     else:
-        launch_dkdv(q, k, v, do, lse, delta, dk, dv, index, transposed, scale)
-        launch_dq(q, k, v, do, lse, delta, dq, index, scale)
+        launch_dkdv(q, k, v, do, lse, delta, dk, dv, index, transposed, scale, valid=valid)
+        launch_dq(q, k, v, do, lse, delta, dq, index, scale, valid=valid)
     return dq, dk, dv

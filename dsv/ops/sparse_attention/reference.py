@@ -8,10 +8,21 @@ from torch import Tensor
 from dsv.ops.block_index import BlockIndex
 
 
-def gathered_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) -> Tensor:
+def in_block_valid(valid: Tensor | None, block: int, num_blocks: int, device) -> Tensor:
+    """(NB, BLOCK) bool: which positions of each block are real tokens (the first valid[i] of
+    block i); every position where valid is None."""
+    if valid is None:
+        return torch.ones(num_blocks, block, dtype=torch.bool, device=device)
+    return torch.arange(block, device=device) < valid[:, None]
+
+
+def gathered_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float,
+                       valid: Tensor | None = None) -> Tensor:
     """Gathers each query block's selected K/V blocks and runs softmax attention on them in
     fp32 (fp64 stays fp64); autograd gives the backward. Memory O(S * selected * D), never
-    O(S^2). q, k, v: (B, H, S, D); index broadcast to (B, H) already."""
+    O(S^2). q, k, v: (B, H, S, D); index broadcast to (B, H) already; valid (NB,) int32 real
+    tokens per block (dsv/ops/layout.py) or None: padding keys take no part, padding query rows
+    get output 0."""
     b, h, s, d = q.shape
     block, n = index.block_size, index.num_blocks
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -29,24 +40,31 @@ def gathered_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale
     # -- keys that are padding slots of the list or past S do not take part
     slot_ok = torch.arange(width, device=q.device) < index.counts[..., None]  # (B, H, NQ, MAXSEL)
     token = index.indices.long()[..., None] * block + torch.arange(block, device=q.device)
-    key_ok = (slot_ok[..., None] & (token < s)).view(b, h, n, 1, width * block)
-    # -- a query block with an empty list: softmax over its (padding) slots, then zeroed, so
-    #    that its output and gradients are 0 rather than NaN
-    listed = index.counts[..., None, None] > 0  # (B, H, NQ, 1, 1)
+    real = in_block_valid(valid, block, n, q.device)  # (NB, BLOCK)
+    key_real = real[index.indices.long()]  # (B, H, NQ, MAXSEL, BLOCK)
+    key_ok = (slot_ok[..., None] & (token < s) & key_real).view(b, h, n, 1, width * block)
+    # -- a row without any key (an empty list, a padding query row): softmax over every slot,
+    #    then zeroed, so that its output and gradients are 0 rather than NaN
+    has_key = key_ok & real.view(1, 1, n, block, 1)  # (B, H, NQ, BLOCK, MAXSEL * BLOCK)
+    has_key = has_key.any(-1, keepdim=True)  # (B, H, NQ, BLOCK, 1)
 
     scores = (q_blocks @ k_sel.transpose(-1, -2)) * scale  # (B, H, NQ, BLOCK, MAXSEL * BLOCK)
-    probs = torch.softmax(scores.masked_fill(~(key_ok | ~listed), float("-inf")), dim=-1) * listed
+    probs = torch.softmax(scores.masked_fill(~(key_ok | ~has_key), float("-inf")), dim=-1) * has_key
     out = (probs @ v_sel).view(b, h, n * block, d)[:, :, :s]  # (B, H, S, D)
     return out.to(q.dtype)
 
 
-def dense_masked_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float) -> Tensor:
+def dense_masked_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, scale: float,
+                           valid: Tensor | None = None) -> Tensor:
     """Dense attention with the block mask expanded to tokens (masked_fill(-inf)), in the
-    inputs' own precision with an fp32 softmax (fp64 stays fp64); rows with no key give 0
-    (as in FlexAttention). O(S^2): tests only."""
+    inputs' own precision with an fp32 softmax (fp64 stays fp64); with `valid` (NB,) the mask
+    also drops padding query rows and keys; rows with no key give 0 (as in FlexAttention).
+    O(S^2): tests only."""
     s = q.shape[-2]
     block = index.block_size
     token_mask = index.to_dense().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :s, :s]
+    real = in_block_valid(valid, block, index.num_blocks, q.device).reshape(-1)[:s]  # (S,)
+    token_mask = token_mask & real[:, None] & real[None, :]
     has_key = token_mask.any(-1, keepdim=True)  # (B, H, S, 1)
     scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, S, S)
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
