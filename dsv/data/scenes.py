@@ -176,7 +176,8 @@ def draw_texture(rng: np.random.Generator, kind: str, channels: int, side: int) 
     if kind == "flat":
         dark = light = np.zeros(channels)
     return Texture(kind=kind, waves=frequency[:, None] * np.stack([np.sin(angle), np.cos(angle)], axis=1),
-                   phases=rng.uniform(0, 2 * np.pi, size=len(angle)), amplitudes=wavelength / side,
+                   phases=rng.uniform(0, 2 * np.pi, size=len(angle)),
+                   amplitudes=wavelength / side if kind == "noise" else np.ones(len(angle)),
                    colours=np.stack([dark, light]).astype(np.float32))
 
 
