@@ -183,7 +183,6 @@ def draw_texture(rng: np.random.Generator, kind: str, channels: int, side: int) 
 
 # ----------------------------------------------------------------------------- objects
 
-@lru_cache(maxsize=4096)
 def digit_alpha(digit_id: int, size: int) -> np.ndarray:
     """Digit `digit_id` of load_digits upscaled (bilinear) to (size, size) in [0, 1]: its ink."""
     image = torch.from_numpy(digit_images()[0][digit_id])[None, None]  # (1, 1, 8, 8)
