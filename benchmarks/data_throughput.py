@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/data_throughput.py              # ~1 min; writes results/data_throughput_cpu_<date>.md
     .venv/bin/python benchmarks/data_throughput.py --seconds 0.3 --no-write   # quick look
 
-For each dataset (procedural digits and shapes, and a folder of GIFs written by
+For each dataset (procedural digits, shapes and scenes, and a folder of GIFs written by
 save_video_grid) and each clip size (frames x height x width), one process with one thread
 builds batches of 8 exactly as training does (BatchStream's StepBatches: generate or decode,
 resize, stack) and reports videos/s and tokens/s, tokens counted with the DiT's default
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from dsv.data import BouncingShapes, MovingDigits, VideoFolder, save_video_grid
+from dsv.data import BouncingShapes, MovingDigits, Scenes, VideoFolder, save_video_grid
 from dsv.data.stream import StepBatches
 from dsv.models.dit import VideoDiT, tiny
 
-SIZES = [(8, 32, 32), (16, 64, 64), (16, 128, 128)]
+SIZES = [(8, 32, 32), (16, 64, 64), (16, 128, 128), (16, 256, 256)]
 PATCH = (1, 2, 2)
 BATCH = 8
 
@@ -78,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for frames, height, width in SIZES:
             size = dict(frames=frames, height=height, width=width, channels=args.channels)
-            datasets = {"digits": MovingDigits(**size), "shapes": BouncingShapes(**size),
+            datasets = {"digits": MovingDigits(**size), "shapes": BouncingShapes(**size), "scenes": Scenes(**size),
                         "folder (GIF)": gif_folder(Path(tmp) / f"{frames}x{height}", **size)}
             tokens = frames * height * width // (PATCH[0] * PATCH[1] * PATCH[2])
             for name, dataset in datasets.items():

@@ -74,7 +74,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         tp, value = _unwrap_optional(hints[f.name])[0], getattr(defaults, f.name)
         flag = f"{prefix}{f.name.replace('_', '-')}"
         if _is_dataclass_type(tp):
-            group = parser.add_argument_group(f"{flag} options", f.metadata.get("help"))
+            # argparse groups do not nest (deprecated in 3.11, an error in 3.14): deeper fields join their parent's group
+            is_parser = isinstance(parser, argparse.ArgumentParser)
+            group = parser.add_argument_group(f"{flag} options", f.metadata.get("help")) if is_parser else parser
             add_config_arguments(group, tp, prefix=f"{flag}.", defaults=value)  # type: ignore[arg-type]
         else:
             _add_field(parser, f, tp, flag, value)

@@ -14,10 +14,11 @@ from typing import Literal, get_args
 
 from dsv.data.folder import VideoFolder
 from dsv.data.procedural import BouncingShapes, MovingDigits, ProceduralVideo
+from dsv.data.scenes import SceneConfig, Scenes
 from dsv.data.stream import Batch, BatchStream, StepBatches
 from dsv.data.video_io import read_video, save_video_grid
 
-DatasetName = Literal["digits", "shapes", "folder"]
+DatasetName = Literal["digits", "shapes", "scenes", "folder"]
 DATASETS = get_args(DatasetName)
 VALIDATION_SEED_OFFSET = 1_000_003  # procedural validation clips come from a seed no run trains on
 
@@ -27,7 +28,9 @@ class DataConfig:
     """Which videos to train on and their size."""
 
     dataset: DatasetName = field(default="digits", metadata={"help": f"one of {DATASETS}: procedural "
-                                                             "moving digits, bouncing shapes, or your video folder"})
+                                                             "moving digits, bouncing shapes, many small objects "
+                                                             "over a textured moving background (--data.scene.*), "
+                                                             "or your video folder"})
     path: str = field(default="", metadata={"help": "folder of .gif/.mp4 videos, one sub-folder per class "
                                                     "(dataset=folder only)"})
     frames: int = field(default=8, metadata={"help": "frames per clip (T)"})
@@ -37,12 +40,18 @@ class DataConfig:
     seed: int = field(default=0, metadata={"help": "seed of the procedural clips and of the sample order"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0: load in the "
                                                           "training process); batches are identical either way"})
+    scene: SceneConfig = field(default_factory=SceneConfig, metadata={"help": "objects, motion, camera and "
+                                                                              "background of dataset=scenes"})
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "folder" and not self.path:
             raise ValueError("dataset='folder' needs path= the folder of videos")
+        if self.dataset != "scenes" and self.scene.changed():
+            raise ValueError(f"{' '.join(self.scene.changed())}: --data.scene.* options are read only with "
+                             f"--data.dataset scenes (this config has {self.dataset!r}): add --data.dataset "
+                             "scenes, or drop them")
 
 
 def build_dataset(cfg: DataConfig) -> ProceduralVideo | VideoFolder:
@@ -50,6 +59,8 @@ def build_dataset(cfg: DataConfig) -> ProceduralVideo | VideoFolder:
     size = dict(frames=cfg.frames, height=cfg.height, width=cfg.width, channels=cfg.channels)
     if cfg.dataset == "folder":
         return VideoFolder(cfg.path, **size)
+    if cfg.dataset == "scenes":
+        return Scenes(cfg.scene, seed=cfg.seed, **size)
     kind = MovingDigits if cfg.dataset == "digits" else BouncingShapes
     return kind(seed=cfg.seed, **size)
 
@@ -63,4 +74,4 @@ def validation_batches(cfg: DataConfig, batch_size: int, num_batches: int) -> li
 
 
 __all__ = ["DataConfig", "build_dataset", "validation_batches", "BatchStream", "MovingDigits", "BouncingShapes",
-           "VideoFolder", "read_video", "save_video_grid"]
+           "Scenes", "SceneConfig", "VideoFolder", "read_video", "save_video_grid"]

@@ -87,8 +87,8 @@ class ProceduralVideo(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         clip, label = self.render(self.describe(index))  # (T, H, W, C) in [0, 1]
-        video = torch.from_numpy(clip).permute(3, 0, 1, 2).mul(2).sub(1)  # (C, T, H, W) in [-1, 1]
-        return video.contiguous(), label
+        video = torch.from_numpy(clip).permute(3, 0, 1, 2).contiguous()  # (C, T, H, W): copies unless
+        return video.mul_(2).sub_(1), label  # render gave channel planes; now in [-1, 1]
 
     def describe(self, index: int):
         raise NotImplementedError

@@ -15,6 +15,7 @@ from dsv.probe.coverage import ProbeAxes, head_coverage, predicted_block_mass, u
 from dsv.sample import load_for_sampling
 from dsv.sparse.predictor import LowRankPredictor
 from tests.train.helpers import run_train
+from torchkit.config_cli import config_from_dict
 
 
 def _fewest(weights: torch.Tensor, tau: float) -> int:
@@ -151,7 +152,7 @@ def test_probe_command_end_to_end(dsv_run, tmp_path, capsys):
 
     # -- the same numbers from scratch: the run's held-out clips, noised at t = 0.9 with seed-0 noise
     model, config = load_for_sampling(dsv_run / "ckpt" / "step_000000002.pt", torch.device("cpu"), ema=False)
-    videos, labels = validation_batches(DataConfig(**config["data"]), 2, 1)[0]
+    videos, labels = validation_batches(config_from_dict(DataConfig, config["data"]), 2, 1)[0]
     noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(0))
     recorder = _Recorder()
     model.set_attention(recorder)
