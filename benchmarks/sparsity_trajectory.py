@@ -14,6 +14,8 @@ attention the dense model learned.
 
 Tasks (moving digits, one grey channel, patch 1x4x4, so 16 frames of 256 x 256 = 65,536 tokens):
 - `64k`: DiT hidden 512, 4 layers, 4 heads of 128, batch 1, AdamW lr 5e-4 (issue 17's second run).
+- `64k-scenes`: the same model on `scenes` (textured moving background, camera pan and zoom, 12 small
+  objects moving independently), grey.
 - `smoke`: 4 frames of 32 x 32 (256 tokens), 2 layers, for the plumbing on a CPU.
 """
 from __future__ import annotations
@@ -28,6 +30,9 @@ TASKS = {
     "64k": "--model.in-channels 1 --model.patch 1 4 4 --model.hidden 512 --model.depth 4 --model.heads 4 "
            "--data.frames 16 --data.height 256 --data.width 256 --data.channels 1 --batch-size 1 "
            "--optim.lr 5e-4 --optim.warmup-steps 100 --steps 20000",
+    "64k-scenes": "--model.in-channels 1 --model.patch 1 4 4 --model.hidden 512 --model.depth 4 --model.heads 4 "
+                  "--data.dataset scenes --data.frames 16 --data.height 256 --data.width 256 --data.channels 1 "
+                  "--batch-size 1 --optim.lr 5e-4 --optim.warmup-steps 100 --steps 20000",
     "smoke": "--model.in-channels 1 --model.patch 1 4 4 --model.hidden 32 --model.depth 2 --model.heads 2 "
              "--data.frames 4 --data.height 32 --data.width 32 --data.channels 1 --batch-size 2 --steps 400 "
              "--device cpu",
