@@ -39,7 +39,8 @@ from echosim.report import (format_files, format_hardware, format_outputs, forma
 from echosim.simulator import build
 from echosim.trace import trace_roles
 from echosim.trace.workloads import DEFAULT_WORKLOAD, load_workload, trace_workload
-from echosim.trace.gpt import GPT_PRESETS
+from echosim.memory import format_memory, stage_memory
+from echosim.trace.gpt import GPT_PRESETS, RECOMPUTE
 from torchkit.cli import Parser, UsageError, run_commands
 from torchkit.config_cli import add_config_arguments, config_from_args
 
@@ -70,7 +71,10 @@ def _workload(args: argparse.Namespace):
 
 def _gpt_job(args: argparse.Namespace) -> GPTJob:
     job = _positive(config_from_args(GPTJob, args))
-    _one_of("model", job.model, GPT_PRESETS)
+    if job.model not in GPT_PRESETS:
+        raise UsageError(f"--model {job.model!r} is not one of {', '.join(GPT_PRESETS)}; describe another model "
+                         f"with --layers --hidden --heads --ffn-hidden --seq-len --vocab over the nearest preset")
+    _one_of("recompute", job.recompute, RECOMPUTE)
     return job
 
 
@@ -161,10 +165,16 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     cluster, overlap = load_cluster(args.cluster), load_overlap(args.overlap)
     traces = _traces(args)
     print(format_hardware(args.cluster))
-    timeline = build(cluster, overlap=overlap).predict(traces, as_classes=not args.every_rank)
+    simulator = build(cluster, overlap=overlap)
+    timeline = simulator.predict(traces, as_classes=not args.every_rank)
     meta = {**traces[0].meta, "cluster": args.cluster}
+    memory = stage_memory(_gpt_job(args)) if args.gpt and not args.traces else []
+    if memory:
+        meta["memory_GB_per_rank"] = max(m.total_GB for m in memory)
     written = write_outputs(timeline, args.out, meta=meta, trace_ranks=trace_ranks)
     print(format_summary(written.summary))
+    if memory:
+        print(format_memory(memory, simulator.gpu))
     print(format_outputs(written, args.out, replayed=len(timeline.ranks)))
 
 

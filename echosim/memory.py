@@ -8,15 +8,31 @@ Per parameter on a rank (mixed precision with Adam, Megatron's layout):
 Activations are what the traced forward of each part saves for backward (counted on fake
 tensors, so the real dtypes, SDPA's saved statistics and TP/SP sharding are all included),
 times the microbatches the schedule keeps in flight on the stage (1F1B: p - s, GPipe: m;
-interleaved 1F1B: its chunk-microbatches in flight, each 1/v of the stage).
-Not counted: the CUDA context, allocator fragmentation and transient buffers.
+interleaved 1F1B: its chunk-microbatches in flight, each 1/v of the stage). Per layer and
+microbatch that count is Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", Table 2; s sequence, b micro-batch, h hidden, a heads, t TP degree, MLP
+4h), for bf16 activations, less the dropout masks (2sbh, 2sbh/t under SP: this GPT has no
+dropout) and with flash attention's log-sum-exp (fp32, 4asb/t) in place of the s^2 terms of
+softmax and attention dropout (5as^2b/t):
+
+    recompute   tensor parallel                     tensor + sequence parallel
+    none        sbh (10 + 24/t) + 5as^2b/t          34 sbh/t + 5as^2b/t
+    selective   sbh (10 + 24/t)                     34 sbh/t
+    full        2 sbh                               2 sbh/t  (the layer's input only)
+
+(LayerNorm's saved mean and rstd, 2 x 2sb x their dtype's bytes, come on top.) Under
+recomputation one layer at a time holds its activations again while its backward runs, so the
+peak adds one layer's difference to no recomputation. Not counted: the CUDA context, allocator
+fragmentation and other transient buffers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from echosim.gpt3d import GRAD_BYTES, PARAM_BYTES, GPTJob
+from echosim.hw import GpuProfile
 from echosim.pipeline import in_flight
+from echosim.report import human_bytes
 
 OPTIMIZER_BYTES = 12  # fp32 master weights, Adam's m and v
 
@@ -39,6 +55,9 @@ class StageMemory:
 def stage_memory(job: GPTJob) -> list[StageMemory]:
     """Per-stage peak memory of one rank; the job must divide its model (see GPTJob.problems)."""
     shard = job.dp if job.data_parallel == "fsdp" else 1
+    recomputed = 0.0  # one layer's activations while its backward recomputes them
+    if job.recompute != "none":
+        recomputed = replace(job, recompute="none").parts().layer.saved_bytes - job.parts().layer.saved_bytes
     out = []
     for stage in range(job.pp):
         parts = [part for _, part in job.stage_parts(stage)]
@@ -47,5 +66,26 @@ def stage_memory(job: GPTJob) -> list[StageMemory]:
         out.append(StageMemory(stage=stage, weights_GB=params * PARAM_BYTES / 1e9,
                                grads_GB=params * GRAD_BYTES / shard / 1e9,
                                optimizer_GB=params * OPTIMIZER_BYTES / shard / 1e9,
-                               activations_GB=live * sum(p.saved_bytes for p in parts) / 1e9))
+                               activations_GB=(live * sum(p.saved_bytes for p in parts) + recomputed) / 1e9))
     return out
+
+
+def format_memory(stages: list[StageMemory], gpu: GpuProfile) -> str:
+    """The busiest stage's memory per rank, and a warning when it exceeds the GPU's."""
+    peak = max(stages, key=lambda m: m.total_GB)
+
+    def size(gb: float) -> str:
+        return human_bytes(gb * 1e9)
+
+    line = (f"memory per rank      {size(peak.total_GB):>10s}   (stage {peak.stage}, the busiest: weights "
+            f"{size(peak.weights_GB)}, gradients {size(peak.grads_GB)}, optimizer {size(peak.optimizer_GB)}, "
+            f"activations {size(peak.activations_GB)}")
+    if not gpu.memory_GB:
+        return line + f"; {gpu.name} gives no memory size: not checked)"
+    line += f"; the GPU has {gpu.memory_GB:.0f} GB)"
+    if peak.total_GB <= gpu.memory_GB:
+        return line
+    short = sum(m.total_GB > gpu.memory_GB for m in stages)
+    return (line + f"\nwarning: out of memory on {short} of {len(stages)} stages: stage {peak.stage} needs "
+            f"{peak.total_GB:.1f} GB per rank of {gpu.memory_GB:.0f} GB (try --recompute selective or full, "
+            f"more --tp or --pp, or --data-parallel fsdp)")
