@@ -30,9 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from echosim.gpt3d import GRAD_BYTES, PARAM_BYTES, GPTJob
-from echosim.hw import GpuProfile
 from echosim.pipeline import in_flight
-from echosim.report import human_bytes
 
 OPTIMIZER_BYTES = 12  # fp32 master weights, Adam's m and v
 
@@ -69,23 +67,3 @@ def stage_memory(job: GPTJob) -> list[StageMemory]:
                                activations_GB=(live * sum(p.saved_bytes for p in parts) + recomputed) / 1e9))
     return out
 
-
-def format_memory(stages: list[StageMemory], gpu: GpuProfile) -> str:
-    """The busiest stage's memory per rank, and a warning when it exceeds the GPU's."""
-    peak = max(stages, key=lambda m: m.total_GB)
-
-    def size(gb: float) -> str:
-        return human_bytes(gb * 1e9)
-
-    line = (f"memory per rank      {size(peak.total_GB):>10s}   (stage {peak.stage}, the busiest: weights "
-            f"{size(peak.weights_GB)}, gradients {size(peak.grads_GB)}, optimizer {size(peak.optimizer_GB)}, "
-            f"activations {size(peak.activations_GB)}")
-    if not gpu.memory_GB:
-        return line + f"; {gpu.name} gives no memory size: not checked)"
-    line += f"; the GPU has {gpu.memory_GB:.0f} GB)"
-    if peak.total_GB <= gpu.memory_GB:
-        return line
-    short = sum(m.total_GB > gpu.memory_GB for m in stages)
-    return (line + f"\nwarning: out of memory on {short} of {len(stages)} stages: stage {peak.stage} needs "
-            f"{peak.total_GB:.1f} GB per rank of {gpu.memory_GB:.0f} GB (try --recompute selective or full, "
-            f"more --tp or --pp, or --data-parallel fsdp)")
