@@ -9,6 +9,8 @@
     echosim calibrate --kernels --gpu h100            # on an H100; --nccl --cluster dgx_h200 --gpus 2 4
     echosim validate --preset 1.3B --gpus 1 2 4 --cluster dgx_h200
     echosim simulate --gpt --model gpt-175b --tp 8 --pp 16 --dp 8 --cluster dgx_h100 --out runs/echosim/gpt175b
+    echosim simulate --gpt --model gpt-1.3b --hidden 2304 --heads 24 --seq-len 4096 --tp 2 --pp 2 --dp 2 \
+        --global-batch 64 --recompute selective --cluster dgx_b200 --out runs/echosim/gpt1.7b   # sizes over a preset
     echosim sweep --model gpt-175b --gpus 1024 --cluster dgx_h100 --global-batch 1536
     echosim calibrate --overlap --gpu h100            # on a node with >= 2 GPUs
     echosim calibrate --host --cluster dgx_h200 --gpus 2   # a real collective's extra host time
@@ -32,14 +34,15 @@ from tqdm import tqdm
 
 from echosim.gpt3d import GPTJob, gpt_traces
 from echosim.graph import load_trace
-from echosim.hw import DEFAULT_CLUSTER, load_cluster, load_gpu, user_hw_dir
+from echosim.hw import DEFAULT_CLUSTER, GpuProfile, load_cluster, load_gpu, user_hw_dir
 from echosim.overlap import load_overlap
-from echosim.report import (format_files, format_hardware, format_outputs, format_summary, parse_trace_ranks,
-                            write_outputs)
+from echosim.report import (format_files, format_hardware, format_outputs, format_summary, human_bytes,
+                            parse_trace_ranks, write_outputs)
 from echosim.simulator import build
 from echosim.trace import trace_roles
 from echosim.trace.workloads import DEFAULT_WORKLOAD, load_workload, trace_workload
-from echosim.trace.gpt import GPT_PRESETS
+from echosim.memory import StageMemory, stage_memory
+from echosim.trace.gpt import GPT_PRESETS, RECOMPUTE
 from torchkit.cli import Parser, UsageError, run_commands
 from torchkit.config_cli import add_config_arguments, config_from_args
 
@@ -70,7 +73,10 @@ def _workload(args: argparse.Namespace):
 
 def _gpt_job(args: argparse.Namespace) -> GPTJob:
     job = _positive(config_from_args(GPTJob, args))
-    _one_of("model", job.model, GPT_PRESETS)
+    if job.model not in GPT_PRESETS:
+        raise UsageError(f"--model {job.model!r} is not one of {', '.join(GPT_PRESETS)}; describe another model "
+                         f"with --layers --hidden --heads --ffn-hidden --seq-len --vocab over the nearest preset")
+    _one_of("recompute", job.recompute, RECOMPUTE)
     return job
 
 
@@ -161,11 +167,38 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     cluster, overlap = load_cluster(args.cluster), load_overlap(args.overlap)
     traces = _traces(args)
     print(format_hardware(args.cluster))
-    timeline = build(cluster, overlap=overlap).predict(traces, as_classes=not args.every_rank)
+    simulator = build(cluster, overlap=overlap)
+    timeline = simulator.predict(traces, as_classes=not args.every_rank)
     meta = {**traces[0].meta, "cluster": args.cluster}
+    memory = stage_memory(_gpt_job(args)) if args.gpt and not args.traces else []
+    if memory:
+        meta["memory_GB_per_rank"] = max(m.total_GB for m in memory)
     written = write_outputs(timeline, args.out, meta=meta, trace_ranks=trace_ranks)
     print(format_summary(written.summary))
+    if memory:
+        print(_format_memory(memory, simulator.gpu))
     print(format_outputs(written, args.out, replayed=len(timeline.ranks)))
+
+
+def _format_memory(stages: list[StageMemory], gpu: GpuProfile) -> str:
+    """The busiest stage's memory per rank, and a warning when it exceeds the GPU's."""
+    peak = max(stages, key=lambda m: m.total_GB)
+
+    def size(gb: float) -> str:
+        return human_bytes(gb * 1e9)
+
+    line = (f"memory per rank      {size(peak.total_GB):>10s}   (stage {peak.stage}, the busiest: weights "
+            f"{size(peak.weights_GB)}, gradients {size(peak.grads_GB)}, optimizer {size(peak.optimizer_GB)}, "
+            f"activations {size(peak.activations_GB)}")
+    if not gpu.memory_GB:
+        return line + f"; {gpu.name} gives no memory size: not checked)"
+    line += f"; the GPU has {gpu.memory_GB:.0f} GB)"
+    if peak.total_GB <= gpu.memory_GB:
+        return line
+    short = sum(m.total_GB > gpu.memory_GB for m in stages)
+    return (line + f"\nwarning: out of memory on {short} of {len(stages)} stages: stage {peak.stage} needs "
+            f"{peak.total_GB:.1f} GB per rank of {gpu.memory_GB:.0f} GB (try --recompute selective or full, "
+            f"more --tp or --pp, or --data-parallel fsdp)")
 
 
 CALIBRATIONS = ("kernels", "nccl", "overlap", "host")

@@ -3,7 +3,9 @@
 For a group of n ranks spread over m nodes, a buffer of S bytes, and each NCCL protocol p
 (base latency a_p, per-step latency L_p on NVLink or the network, bandwidth share f_p):
 
-    B = f_p * (NVLink bandwidth if m == 1 else min(NVLink, NIC))       bus bandwidth
+    B = f_p * (NVLink bandwidth if m == 1 else min(NVLink, N))           bus bandwidth
+    N = the node's NICs' rate / its GPUs, / the oversubscription if the m nodes sit under more
+        than one leaf switch (nodes fill leaves in order: node k under leaf k // leaf_nodes)
     ring all-gather, reduce-scatter   a + (n-1) L + (n-1)/n * S / B
     ring all-reduce                   a + 2(n-1) L + 2(n-1)/n * S / B
     tree all-reduce (m > 1)           a + 2(ceil(log2 m) L_net + (g-1) L_nvlink) + 2 S / B
@@ -63,7 +65,6 @@ class CommModel:
 
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
-        self.nic_GBps = cluster.nic_Gbps / 8
         self._seen: dict[tuple, tuple[float, str]] = {}  # (name, bytes, members) -> answer; steps repeat calls
         self._bw_scales: dict[str, dict[int, float]] = {}  # collective -> measured group size -> multiplier
         for key, scale in cluster.collective_bw.items():
@@ -103,9 +104,17 @@ class CommModel:
     def _nodes(self, members: list[int]) -> int:
         return len({self.node_of(r) for r in members})
 
-    def _bandwidth(self, proto: Protocol, crosses_nodes: bool, name: str, n: int) -> float:
-        link = min(self.cluster.nvlink_GBps, self.nic_GBps) if crosses_nodes else self.cluster.nvlink_GBps
-        return proto.bw_fraction * self._bw_scale(name, n) * link * 1e3  # bytes per microsecond
+    def _network_GBps(self, members: list[int]) -> float:
+        """Per GPU, between nodes: the NICs' share, cut at the spine when the members span leaves."""
+        leaf = self.cluster.network.leaf_nodes
+        spans_leaves = leaf and len({self.node_of(r) // leaf for r in members}) > 1
+        return self.cluster.net_GBps / (self.cluster.network.oversubscription if spans_leaves else 1.0)
+
+    def _bandwidth(self, proto: Protocol, members: list[int], name: str, *, crosses_nodes: bool) -> float:
+        link = self.cluster.nvlink_GBps
+        if crosses_nodes:
+            link = min(link, self._network_GBps(members))
+        return proto.bw_fraction * self._bw_scale(name, len(members)) * link * 1e3  # bytes per microsecond
 
     def _bw_scale(self, name: str, n: int) -> float:
         """The cluster's measured multiplier for `name` on the nearest measured group size at or
@@ -119,7 +128,7 @@ class CommModel:
     def _time(self, call: CollectiveCall, algo: str, proto: Protocol) -> float:
         n, m = len(call.members), self._nodes(call.members)
         step = proto.net_step_us if m > 1 else proto.nvlink_step_us
-        bw = self._bandwidth(proto, m > 1, call.name, n)
+        bw = self._bandwidth(proto, call.members, call.name, crosses_nodes=m > 1)
         if algo == "tree":
             g = max(Counter(self.node_of(r) for r in call.members).values())
             hops = math.ceil(math.log2(m)) * proto.net_step_us + (g - 1) * proto.nvlink_step_us
@@ -135,8 +144,8 @@ class CommModel:
         """Slowest rank's transfer: NVLink and network traffic, in and out, each on its own link."""
         nodes = [self.node_of(r) for r in call.members]
         splits = call.split_bytes or [[call.bytes / len(nodes)] * len(nodes) for _ in nodes]
-        n = len(call.members)
-        nvlink, net = self._bandwidth(proto, False, call.name, n), self._bandwidth(proto, True, call.name, n)
+        nvlink = self._bandwidth(proto, call.members, call.name, crosses_nodes=False)
+        net = self._bandwidth(proto, call.members, call.name, crosses_nodes=True)
         worst = 0.0
         for i in range(len(nodes)):
             out_local = sum(b for j, b in enumerate(splits[i]) if j != i and nodes[j] == nodes[i])

@@ -6,7 +6,13 @@ stage does the same work on its own shard, so one trace stands for all tp x dp r
 and `predict(..., as_classes=True)` (echosim.simulator) replays one representative per stage.
 
 Per stage: layers / pp layers (+ the embedding on the first, the head on the last), the
-microbatches ordered by the pipeline schedule (echosim.pipeline), then data parallelism:
+microbatches ordered by the pipeline schedule (echosim.pipeline). Without sequence parallelism
+every TP rank holds the whole (S, B, H) activation between stages, and Megatron
+(`scatter_gather_tensors_in_pipeline`, on by default; megatron/p2p_communication.py) sends each
+rank's 1/t slice of it (`split_tensor_into_1d_equal_chunks`) to the same TP rank of the next
+stage, which all-gathers the slices over TP (`gather_split_1d_tensor`); gradients going back
+likewise. Under SP the activation is split over the sequence already and travels as it is.
+Then data parallelism:
 
     ddp   gradients (fp32) all-reduced over dp in buckets of `bucket_mb`, each launched as soon as
           the last microbatch's backward has produced its layers (Megatron's overlapped reduce)
@@ -16,11 +22,11 @@ microbatches ordered by the pipeline schedule (echosim.pipeline), then data para
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from echosim.graph import Trace
 from echosim.pipeline import SCHEDULES, GraphBuilder, compose_pipeline
-from echosim.trace.gpt import GPT_PRESETS, GPTConfig, GPTParts, TracedPart, trace_gpt_parts
+from echosim.trace.gpt import GPT_PRESETS, RECOMPUTE, GPTConfig, GPTParts, TracedPart, trace_gpt_parts
 
 DATA_PARALLEL = ("ddp", "fsdp")
 GRAD_BYTES = 4  # gradients are reduced in fp32 (Megatron's main_grad)
@@ -31,7 +37,17 @@ PARAM_BYTES = 2  # bf16 working weights
 class GPTJob:
     """One GPT training configuration: model, parallelism, batch."""
 
-    model: str = field(default="gpt-175b", metadata={"help": f"GPT preset: {', '.join(GPT_PRESETS)}"})
+    model: str = field(default="gpt-175b", metadata={
+        "help": f"GPT preset: {', '.join(GPT_PRESETS)}; the model flags below override its sizes"})
+    layers: int | None = field(default=None, metadata={"help": "transformer layers (None: the preset's)"})
+    hidden: int | None = field(default=None, metadata={"help": "hidden size (None: the preset's)"})
+    heads: int | None = field(default=None, metadata={"help": "attention heads (None: the preset's)"})
+    ffn_hidden: int | None = field(default=None, metadata={"help": "MLP width (None: the preset's, 4 x hidden)"})
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per sample (None: the preset's)"})
+    vocab: int | None = field(default=None, metadata={"help": "vocabulary, padded (None: the preset's)"})
+    recompute: str = field(default="none", metadata={
+        "help": f"activation recomputation, Megatron's: one of {RECOMPUTE} (selective: the attention core; "
+                f"full: every layer)"})
     tp: int = field(default=8, metadata={"help": "tensor-parallel degree"})
     pp: int = field(default=16, metadata={"help": "pipeline stages"})
     dp: int = field(default=8, metadata={"help": "data-parallel degree"})
@@ -53,16 +69,27 @@ class GPTJob:
         return self.global_batch // (self.dp * self.micro_batch)
 
     def config(self) -> GPTConfig:
-        return GPT_PRESETS[self.model]()
+        """The preset `model`, with the sizes this job sets instead."""
+        if self.model not in GPT_PRESETS:
+            raise ValueError(f"GPT model {self.model!r} is not one of the presets {', '.join(GPT_PRESETS)}; "
+                             f"describe another with layers, hidden, heads, ffn_hidden, seq_len and vocab")
+        sizes = {"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "ffn_hidden": self.ffn_hidden,
+                 "seq": self.seq_len, "vocab": self.vocab}
+        return replace(GPT_PRESETS[self.model](), **{k: v for k, v in sizes.items() if v is not None})
 
     def problems(self) -> list[str]:
         """Why this configuration cannot run the model (empty when it can)."""
         cfg, out = self.config(), []
+        if cfg.hidden % cfg.heads:
+            out.append(f"the heads ({cfg.heads}) do not divide the hidden size ({cfg.hidden})")
+        if self.recompute not in RECOMPUTE:
+            out.append(f"recompute {self.recompute!r} is not one of {RECOMPUTE}")
         if self.data_parallel not in DATA_PARALLEL:
             out.append(f"data parallelism {self.data_parallel!r} is not one of {DATA_PARALLEL}")
         if self.schedule not in SCHEDULES:
             out.append(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
-        for what, n in (("heads", cfg.heads), ("hidden size", cfg.hidden), ("vocabulary", cfg.vocab)):
+        for what, n in (("heads", cfg.heads), ("hidden size", cfg.hidden), ("MLP width", cfg.ffn),
+                        ("vocabulary", cfg.vocab)):
             if n % self.tp:
                 out.append(f"tp={self.tp} does not divide the {what} ({n})")
         if self.sequence_parallel and cfg.seq % self.tp:
@@ -94,7 +121,8 @@ class GPTJob:
         """The traced parts (see trace_gpt_parts for `device` and `measure`)."""
         shards = self.dp if self.data_parallel == "fsdp" else 1
         return trace_gpt_parts(self.config(), tp=self.tp, sequence_parallel=self.sequence_parallel,
-                               micro_batch=self.micro_batch, optimizer_shards=shards, device=device, measure=measure)
+                               micro_batch=self.micro_batch, optimizer_shards=shards, device=device, measure=measure,
+                               recompute=self.recompute)
 
     def stage_parts(self, stage: int, *, device: str = "cpu", measure: bool = False) -> list[tuple[str, TracedPart]]:
         """The parts on `stage` (all its model chunks), in forward order."""
@@ -116,10 +144,20 @@ class GPTJob:
         return self.config().layers // self.pp
 
     def activation_bytes(self) -> float:
-        """What one stage sends the next per microbatch: (S or S/t, B, H) in bf16."""
+        """The activation between stages per microbatch on one rank: (S or S/t under SP, B, H) in bf16."""
         cfg = self.config()
         seq = cfg.seq // self.tp if self.sequence_parallel and self.tp > 1 else cfg.seq
         return float(seq * self.micro_batch * cfg.hidden * PARAM_BYTES)
+
+    @property
+    def scatter_gather(self) -> bool:
+        """Whether pipeline messages are split over the TP ranks (Megatron's
+        scatter_gather_tensors_in_pipeline, on by default, off under SP: the activation is split already)."""
+        return self.tp > 1 and not self.sequence_parallel
+
+    def message_bytes(self) -> float:
+        """What one rank sends to its peer in the next (or previous) stage per microbatch."""
+        return self.activation_bytes() / self.tp if self.scatter_gather else self.activation_bytes()
 
     def groups(self) -> dict[str, list[list[int]]]:
         tp, dp, pp = self.tp, self.dp, self.pp
@@ -138,8 +176,14 @@ class GPTStage:
 
     job: GPTJob
     parts: list[tuple[str, TracedPart]]
-    activation_bytes: float
+    activation_bytes: float  # what one rank sends its peer stage: its slice when scattered over TP
     _synced: list[int] = field(default_factory=list)  # gradient-reduction nodes of the last backward
+
+    def unpack(self, graph: GraphBuilder, received: int) -> int:
+        if not self.job.scatter_gather:
+            return received
+        return graph.comm(kind="COMM_COLL", name="all_gather", stream="comm", group="tp",
+                          nbytes=self.job.activation_bytes(), deps=[received])
 
     def forward(self, graph: GraphBuilder, microbatch: int, after: list[int]) -> int:
         gather = self.job.data_parallel == "fsdp" and self.job.dp > 1 and microbatch == 0
@@ -193,11 +237,11 @@ def gpt_traces(job: GPTJob, *, device: str = "cpu", measure: bool = False) -> li
     job.check()
     per_stage = job.tp * job.dp
     stages = [[GPTStage(job=job, parts=job.chunk_parts(s, c, device=device, measure=measure),
-                        activation_bytes=job.activation_bytes()) for c in range(job.virtual_stages)]
+                        activation_bytes=job.message_bytes()) for c in range(job.virtual_stages)]
               for s in range(job.pp)]
     return compose_pipeline(stages, schedule=job.schedule, microbatches=job.microbatches,
                             world_size=job.world_size, groups=job.groups(),
                             stage_ranks=[list(range(s * per_stage, (s + 1) * per_stage)) for s in range(job.pp)],
                             meta={"workload": "gpt", "model": job.model, "tp": job.tp, "pp": job.pp, "dp": job.dp,
-                                  "virtual_stages": job.virtual_stages,
+                                  "virtual_stages": job.virtual_stages, "recompute": job.recompute,
                                   "sequence_parallel": job.sequence_parallel, "data_parallel": job.data_parallel})

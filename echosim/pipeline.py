@@ -5,7 +5,9 @@ microbatch. `compose_pipeline` turns that order into one Trace per stage: each F
 by a receive of its input from the previous stage and followed by a send to the next; each B
 receives its output gradient from the next stage and sends the input gradient back. Receives
 sit on their own streams with no dependencies (posted early, as batched isend/irecv do), so
-the matching of sends and receives, by order per peer and direction, can never deadlock.
+the matching of sends and receives, by order per peer and direction, can never deadlock. A stage
+may turn what it receives into its input with more work (`StageWork.unpack`: Megatron's
+all-gather of a message scattered over the tensor-parallel ranks).
 
     GPipe   all forwards, then all backwards
     1F1B    p - s - 1 warm-up forwards on stage s, then alternate F and B, then the remaining Bs
@@ -110,6 +112,9 @@ class StageWork(Protocol):
 
     activation_bytes: float  # what the stage sends forward per microbatch (its gradient comes back)
 
+    def unpack(self, graph: GraphBuilder, received: int) -> int:
+        """The node the stage's work waits for once message `received` has arrived."""
+
     def forward(self, graph: GraphBuilder, microbatch: int, after: list[int]) -> int:
         """Append the microbatch's forward (its roots wait for `after`); return its last node."""
 
@@ -128,6 +133,9 @@ class UniformStage:
     backward_nodes: list[Node]
     activation_bytes: float
     tail: list[Node] = field(default_factory=list)
+
+    def unpack(self, graph: GraphBuilder, received: int) -> int:
+        return received
 
     def forward(self, graph: GraphBuilder, microbatch: int, after: list[int]) -> int:
         return graph.add(self.forward_nodes, after=after)[-1]
@@ -174,8 +182,9 @@ def _compose_stage(chunked: list[list[StageWork]], s: int, order: list[tuple[str
         if phase == "F":
             after = last
             if before >= 0:
-                after = after + [graph.comm(kind="COMM_RECV", name="recv", stream="recv_fwd", group=PP_GROUP,
-                                            nbytes=work_of(before).activation_bytes, peer=before % p)]
+                received = graph.comm(kind="COMM_RECV", name="recv", stream="recv_fwd", group=PP_GROUP,
+                                      nbytes=work_of(before).activation_bytes, peer=before % p)
+                after = after + [work.unpack(graph, received)]
             end = work.forward(graph, mb, after)
             if after_me < p * v:
                 graph.comm(kind="COMM_SEND", name="send", stream="send_fwd", group=PP_GROUP,
@@ -183,8 +192,9 @@ def _compose_stage(chunked: list[list[StageWork]], s: int, order: list[tuple[str
         else:
             after = last
             if after_me < p * v:
-                after = after + [graph.comm(kind="COMM_RECV", name="recv", stream="recv_bwd", group=PP_GROUP,
-                                            nbytes=work.activation_bytes, peer=after_me % p)]
+                received = graph.comm(kind="COMM_RECV", name="recv", stream="recv_bwd", group=PP_GROUP,
+                                      nbytes=work.activation_bytes, peer=after_me % p)
+                after = after + [work.unpack(graph, received)]
             end = work.backward(graph, mb, after)
             if before >= 0:
                 graph.comm(kind="COMM_SEND", name="send", stream="send_bwd", group=PP_GROUP,

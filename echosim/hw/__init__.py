@@ -2,17 +2,25 @@
 
 Both are JSON files named after the hardware. A name ("dgx_h200") is looked up first in the
 user's folder, where `echosim calibrate` writes (`$XDG_CONFIG_HOME/echosim`, else
-`~/.config/echosim`), then among the shipped files beside this module (`h100.json`,
-`h200.json`, `dgx_h100.json`, `dgx_h200.json`); a path describes one's own hardware. A
+`~/.config/echosim`), then among the shipped files beside this module; a path describes one's
+own hardware. Shipped: the measured `h200.json` and `dgx_h200.json`, and datasheet seeds
+`a100_80gb` / `dgx_a100`, `h100` / `dgx_h100`, `h200_datasheet` / `dgx_h200_datasheet`,
+`b200` / `dgx_b200` (GPU / its 8-GPU node). A
 cluster's `gpu` is a profile name, looked up the same way, or a path, relative to the
 cluster file's folder. Every field is checked on load (echosim.hw.schema). `"measured":
 false` marks numbers seeded from datasheets and NCCL's defaults; `echosim calibrate`
-replaces them with measured ones.
+replaces them with measured ones. `sources` says where each number (or section, such as
+`efficiency` or `network`) comes from: a datasheet, a measurement, another profile.
+
+A cluster is nodes of `gpus_per_node` GPUs on NVLink (`nvlink_GBps` per GPU), each with
+`nics_per_node` NICs of `nic_Gbps`, under a two-tier network: `network.leaf_nodes` nodes per
+leaf switch, whose uplinks to the spine carry 1 / `network.oversubscription` of what its nodes
+can send (echosim.comm: a collective over nodes of more than one leaf gets that share).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from echosim.hw.schema import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, FieldError, build, check,
@@ -68,10 +76,12 @@ class GpuProfile:
     # the host's time to issue one traced op in eager PyTorch, for traces without a measured host
     # (echosim.engine.host_measured); measured from full-speed steps
     host_us_per_op: float = field(default=0.0, metadata=NON_NEGATIVE)
+    sources: dict[str, str] = field(default_factory=dict)  # field -> where its numbers come from
     notes: str = ""
 
     def __post_init__(self):
         check(self)
+        _check_sources(self)
         missing = [c for c in ROOFLINE_CLASSES if c not in self.efficiency]
         if missing:
             raise FieldError("GpuProfile", "efficiency", f"must give every op class {list(ROOFLINE_CLASSES)}, "
@@ -94,6 +104,18 @@ class Protocol:
 
 
 @dataclass(kw_only=True)
+class Network:
+    """The fabric between nodes: leaf switches under a spine."""
+
+    leaf_nodes: int = field(default=0, metadata=NON_NEGATIVE)  # nodes under one leaf switch; 0: one flat tier
+    # what a leaf's nodes can send over what its uplinks carry (1: non-blocking, 2: 2:1 ...)
+    oversubscription: float = field(default=1.0, metadata=AT_LEAST_ONE)
+
+    def __post_init__(self):
+        check(self)
+
+
+@dataclass(kw_only=True)
 class Cluster:
     """The machines and links a job runs on."""
 
@@ -101,7 +123,9 @@ class Cluster:
     gpu: str  # GPU profile name or path
     gpus_per_node: int = field(metadata=AT_LEAST_ONE)
     nvlink_GBps: float = field(metadata=POSITIVE)  # per GPU, one direction, as NCCL achieves it (bus bandwidth)
-    nic_Gbps: float = field(metadata=POSITIVE)  # per GPU network line rate
+    nic_Gbps: float = field(metadata=POSITIVE)  # line rate of one NIC
+    nics_per_node: int = field(default=0, metadata=NON_NEGATIVE)  # 0: one NIC per GPU
+    network: Network = field(default_factory=Network)
     protocols: dict[str, Protocol]
     collective_bw: dict[str, float] = field(default_factory=dict, metadata=POSITIVE)  # "all_gather@4" -> multiplier
     # "all_gather@4" -> [[bytes, us], ...] measured inside a node, interpolated in log-log
@@ -109,10 +133,12 @@ class Cluster:
     # host time a real collective call takes beyond a fake one (calibrate_host)
     collective_host_us: float = field(default=0.0, metadata=NON_NEGATIVE)
     measured: bool = False
+    sources: dict[str, str] = field(default_factory=dict)  # field -> where its numbers come from
     notes: str = ""
 
     def __post_init__(self):
         check(self)
+        _check_sources(self)
         if not self.protocols:
             raise FieldError("Cluster", "protocols", "must name at least one NCCL protocol (e.g. Simple)")
         for what, keys in (("collective_bw", self.collective_bw), ("tables", self.tables)):
@@ -125,6 +151,21 @@ class Cluster:
                 raise FieldError("Cluster", f"tables.{key}", "must hold [bytes, us] rows")
             if any(a[0] >= b[0] for a, b in zip(table, table[1:])):
                 raise FieldError("Cluster", f"tables.{key}", "must list sizes in increasing order")
+
+
+    @property
+    def net_GBps(self) -> float:
+        """Network bandwidth per GPU, one direction (GB/s): the node's NICs shared by its GPUs."""
+        nics = self.nics_per_node or self.gpus_per_node
+        return nics * self.nic_Gbps / 8 / self.gpus_per_node
+
+
+def _check_sources(profile) -> None:
+    """Every key of `profile.sources` names one of its fields."""
+    names = [f.name for f in fields(profile) if f.name not in ("sources", "notes")]
+    for key in profile.sources:
+        if key not in names:
+            raise FieldError(type(profile).__name__, f"sources.{key}", f"names no field (one of {names})")
 
 
 def load_gpu(name_or_path: str | Path) -> GpuProfile:

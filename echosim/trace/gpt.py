@@ -11,7 +11,8 @@ seeded initialisation, so that any parallel layout starts from the same model.
 
 `trace_gpt_parts` runs each part (embedding, one layer, head) once on a fake tensor-parallel
 group of the real size under FakeTensorMode and records its forward and backward of one
-microbatch, the tensors its forward saves for backward, and its AdamW step on fp32 master
+microbatch (under recomputation the backward holds the recomputed forward ops, where autograd
+runs them), the tensors its forward saves for backward, and its AdamW step on fp32 master
 weights (sharded when the optimizer is). Identical layers are traced once and replicated.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from echosim.graph import Node
 from echosim.trace.fills import PlausibleCollectives
@@ -39,11 +41,16 @@ class GPTConfig:
     heads: int
     seq: int  # tokens per sample
     vocab: int = 51200  # GPT-2's 50257, padded as Megatron pads it
+    ffn_hidden: int = 0  # MLP width; 0: 4 x hidden
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden or 4 * self.hidden
 
     def params(self) -> int:
         """Parameter count (untied head)."""
-        h = self.hidden
-        layer = 12 * h * h + 13 * h
+        h, f = self.hidden, self.ffn
+        layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attention, MLP, two LayerNorms
         return self.layers * layer + 2 * self.vocab * h + self.seq * h + 2 * h
 
 
@@ -53,6 +60,7 @@ GPT_PRESETS = {
     "gpt-13b": lambda: GPTConfig(layers=40, hidden=5120, heads=40, seq=2048),
     "gpt-175b": lambda: GPTConfig(layers=96, hidden=12288, heads=96, seq=2048),
 }
+RECOMPUTE = ("none", "selective", "full")  # Megatron's --recompute-granularity (full: every layer, uniform)
 
 
 # -- model
@@ -78,9 +86,20 @@ class ParallelEmbedding(nn.Module):
         return x + self.position[self.seq_start:self.seq_start + self.local_seq, None]  # positions added once
 
 
+def recomputed(fn, *args, **kwargs):
+    """fn(*args, **kwargs) keeping only its inputs for backward, which runs fn again first
+    (torch.utils.checkpoint; no RNG state to replay: the model has no dropout)."""
+    with set_checkpoint_early_stop(False):  # Megatron reruns all of it, the last collective too
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+
 class ParallelAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig, group, sp: bool, dtype):
+    """Self-attention; `selective` recomputes its core (softmax(QK^T)V) in backward, as Megatron's
+    selective recomputation does."""
+
+    def __init__(self, cfg: GPTConfig, group, sp: bool, dtype, selective: bool = False):
         super().__init__()
+        self.selective = selective
         self.local_heads, self.head_dim = cfg.heads // group.size(), cfg.hidden // cfg.heads
         self.qkv = ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, group=group, sequence_parallel=sp, dtype=dtype)
         self.proj = RowParallelLinear(cfg.hidden, cfg.hidden, group=group, sequence_parallel=sp, dtype=dtype)
@@ -89,29 +108,39 @@ class ParallelAttention(nn.Module):
         qkv = self.qkv(x)  # (S, B, 3H/t)
         s, b = qkv.shape[:2]
         q, k, v = qkv.view(s, b, self.local_heads, 3, self.head_dim).permute(3, 1, 2, 0, 4).unbind(0)  # (B, h/t, S, d)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.selective:
+            out = recomputed(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h/t, S, d)
         return self.proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))  # (S or S/t, B, H)
 
 
 class ParallelMLP(nn.Module):
     def __init__(self, cfg: GPTConfig, group, sp: bool, dtype):
         super().__init__()
-        self.fc1 = ColumnParallelLinear(cfg.hidden, 4 * cfg.hidden, group=group, sequence_parallel=sp, dtype=dtype)
-        self.fc2 = RowParallelLinear(4 * cfg.hidden, cfg.hidden, group=group, sequence_parallel=sp, dtype=dtype)
+        self.fc1 = ColumnParallelLinear(cfg.hidden, cfg.ffn, group=group, sequence_parallel=sp, dtype=dtype)
+        self.fc2 = RowParallelLinear(cfg.ffn, cfg.hidden, group=group, sequence_parallel=sp, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class GPTLayer(nn.Module):
-    """Pre-LN transformer layer; in and out (S or S/t, B, H)."""
+    """Pre-LN transformer layer; in and out (S or S/t, B, H). `recompute` (one of RECOMPUTE) is
+    Megatron's: selective recomputes the attention core in backward, full the whole layer (its
+    TP collectives too) from its saved input."""
 
-    def __init__(self, cfg: GPTConfig, group, sp: bool, dtype):
+    def __init__(self, cfg: GPTConfig, group, sp: bool, dtype, recompute: str = "none"):
         super().__init__()
+        self.full = recompute == "full"
         self.ln1, self.ln2 = nn.LayerNorm(cfg.hidden, dtype=dtype), nn.LayerNorm(cfg.hidden, dtype=dtype)
-        self.attn, self.mlp = ParallelAttention(cfg, group, sp, dtype), ParallelMLP(cfg, group, sp, dtype)
+        self.attn = ParallelAttention(cfg, group, sp, dtype, selective=recompute == "selective")
+        self.mlp = ParallelMLP(cfg, group, sp, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        return recomputed(self._forward, x) if self.full else self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -243,8 +272,9 @@ def _trace_part(module: nn.Module, make_inputs, labels, shards: int, measure: bo
 @lru_cache(maxsize=32)
 def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_batch: int,
                     optimizer_shards: int = 1, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-                    measure: bool = False) -> GPTParts:
-    """Trace the embedding, one layer and the head as tensor-parallel rank 0 of `tp`, on fake tensors
+                    measure: bool = False, recompute: str = "none") -> GPTParts:
+    """Trace the embedding, one layer (recomputing as `recompute` says) and the head as
+    tensor-parallel rank 0 of `tp`, on fake tensors
     of `device` ("cuda" names the ops as a GPU runs them); with `measure`, on real tensors of
     `device`, each compute op timed (echosim.trace.recorder; collectives return at once: they are
     modelled, not measured; their outputs made plausible: echosim.trace.fills.PlausibleCollectives).
@@ -266,7 +296,7 @@ def trace_gpt_parts(cfg: GPTConfig, *, tp: int, sequence_parallel: bool, micro_b
             embedding = ParallelEmbedding(cfg, group, sp, dtype)
             parts = GPTParts(
                 embedding=_trace_part(embedding, lambda: (tokens(),), labels, optimizer_shards, measure),
-                layer=_trace_part(GPTLayer(cfg, group, sp, dtype), hidden, labels, optimizer_shards, measure),
+                layer=_trace_part(GPTLayer(cfg, group, sp, dtype, recompute), hidden, labels, optimizer_shards, measure),
                 head=_trace_part(ParallelHead(cfg, group, sp, dtype), lambda: (*hidden(), tokens()), labels,
                                  optimizer_shards, measure))
     return parts

@@ -145,6 +145,8 @@ class Recorder(TorchDispatchMode):
             info = describe(func, args, out)
             if info is not None:
                 self._collective(info, _tensors((args, kwargs)) + _tensors(out))
+            elif deps := self._deps(_tensors(args)):  # a wait: under fake tensors its output is a new
+                self._wrote(_tensors(out), deps[-1])  # tensor, holding what the collective wrote
             return out
         inputs = _tensors((args, kwargs))
         if self.measure:

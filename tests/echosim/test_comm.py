@@ -3,7 +3,7 @@ import pytest
 
 from echosim.comm import CommModel
 from echosim.costs import CollectiveCall
-from echosim.hw import Cluster, Protocol, load_cluster
+from echosim.hw import Cluster, Network, Protocol, load_cluster
 
 SIMPLE = Protocol(base_us=10, nvlink_step_us=1, net_step_us=5, bw_fraction=1.0)
 LL = Protocol(base_us=2, nvlink_step_us=0.5, net_step_us=1, bw_fraction=0.25)
@@ -126,3 +126,41 @@ def test_tables_drop_stalled_points():
     # a mild bump (within SPIKE of the line) stays, except where a larger buffer ran faster
     assert table([(1e6, 30.0), (2e6, 41.0), (4e6, 40.0), (8e6, 80.0)]) == [[1e6, 30.0], [2e6, 40.0], [4e6, 40.0],
                                                                           [8e6, 80.0]]
+
+
+def tiered(*, leaf_nodes=0, oversubscription=1.0, nics_per_node=0, nic_Gbps=200):
+    return CommModel(Cluster(name="toy", gpu="h100", gpus_per_node=4, nvlink_GBps=100, nic_Gbps=nic_Gbps,
+                             nics_per_node=nics_per_node, protocols={"Simple": SIMPLE},
+                             network=Network(leaf_nodes=leaf_nodes, oversubscription=oversubscription)))
+
+
+def test_a_nodes_nics_are_shared_by_its_gpus():
+    # 2 NICs of 400 Gb/s for 4 GPUs: 2 * 50 GB/s / 4 = 25 GB/s per GPU, as one 200 Gb/s NIC per GPU gives
+    shared = tiered(nics_per_node=2, nic_Gbps=400)(call("reduce_scatter", range(8), 8e6))
+    assert shared == (pytest.approx(10 + 7 * 5 + 7 / 8 * 8e6 / 2.5e4), "ring/Simple")  # 325, as above
+    assert tiered(nics_per_node=1, nic_Gbps=400)(call("send_recv", [3, 4], 1e5))[0] == pytest.approx(
+        10 + 5 + 1e5 / 1.25e4)  # one 50 GB/s NIC for 4 GPUs: 12.5 GB/s each
+
+
+@pytest.mark.parametrize("members, nbytes, expected", [
+    (range(8), 8e6, 10 + 7 * 5 + 7 / 8 * 8e6 / 2.5e4),  # nodes 0-1, one leaf: the NICs' 25 GB/s
+    (range(16), 16e6, 10 + 15 * 5 + 15 / 16 * 16e6 / 1.25e4),  # nodes 0-3, two leaves: 2:1 at the spine
+    ([0, 8], 1e5, 10 + 1e5 / 1.25e4 + 5),  # a send from leaf 0 to leaf 1
+    ([0, 4], 1e5, 10 + 1e5 / 2.5e4 + 5),  # within leaf 0
+    ([0, 1], 1e5, 10 + 1e5 / 1e5 + 1),  # within a node: NVLink
+])
+def test_a_collective_across_leaf_switches_sees_the_oversubscribed_spine(members, nbytes, expected):
+    name = "send_recv" if len(members) == 2 else "reduce_scatter"
+    us, _ = tiered(leaf_nodes=2, oversubscription=2.0)(call(name, members, nbytes))  # 2 nodes (8 GPUs) per leaf
+    assert us == pytest.approx(expected, rel=1e-12)
+    flat, _ = tiered()(call(name, members, nbytes))  # one non-blocking tier: never cut
+    assert flat <= us
+
+
+def test_shipped_seed_networks_leave_the_measured_numbers_alone():
+    # the seeds' SuperPOD (32 nodes per leaf, 1:1) cuts nothing: 1,024 GPUs = 128 nodes over 4 leaves
+    dgx = load_cluster("dgx_h100")
+    assert (dgx.network.leaf_nodes, dgx.network.oversubscription, dgx.net_GBps) == (32, 1.0, 50.0)
+    flat = Cluster(**{**dgx.__dict__, "network": Network()})
+    spread = call("all_reduce", range(0, 1024, 8), 2**28)
+    assert CommModel(dgx)(spread) == CommModel(flat)(spread)

@@ -1,4 +1,6 @@
 """The GPT workload: Megatron's collectives per layer, stage graphs under TP x PP x DP, classes."""
+from collections import defaultdict
+
 import pytest
 
 from echosim.comm import CommModel
@@ -140,3 +142,47 @@ def test_interleaving_is_rejected_where_it_cannot_run():
     for reason in ("pp x virtual stages = 2 x 4 does not divide the 4 layers", "interleave the 1f1b schedule",
                    "multiple of pp (2)"):
         assert reason in problems
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_the_op_that_reads_a_tp_collective_waits_for_it(sp):
+    # under fake tensors a functional collective's wait returns a new tensor: its readers once had
+    # deps=[] and ran beside the collective whose result they need
+    layer = trace_gpt_parts(CFG, tp=2, sequence_parallel=sp, micro_batch=MICRO).layer
+    for nodes in (layer.forward, layer.backward):
+        for coll in (n for n in nodes if n.is_comm):
+            readers = [n for n in nodes if coll.id in n.deps]
+            assert readers and all(not n.is_comm for n in readers), (coll.name, coll.id)
+    # forward: QKV and FC1 read the all-gather (SP), the bias adds after the projection and FC2 the reduction
+    after = [layer.forward[n.id + 1] for n in layer.forward if n.is_comm]
+    assert [(n.name, n.deps) for n in after] == [("aten.addmm" if sp and i % 2 == 0 else "aten.add", [n.id - 1])
+                                                for i, n in enumerate(after)]
+
+
+def test_tp_collectives_lie_on_the_critical_path(models):
+    compute, _ = models
+    job = GPTJob(model="gpt-tiny", hidden=2048, heads=16, seq_len=2048, tp=2, pp=1, dp=1, sequence_parallel=False,
+                 global_batch=2, micro_batch=MICRO)  # ~0.1 ms per GEMM: time enough to hide any collective beside
+    traces = gpt_traces(job)
+    parts = job.parts()
+    forward = sum(n.is_comm for part in (parts.embedding, *[parts.layer] * 4, parts.head) for n in part.forward)
+
+    def replayed(comm_us: float):
+        return replay(traces, compute_us=compute, collective_us=lambda call: (comm_us, "fixed"), as_classes=True)
+
+    timeline = replayed(10.0)
+    nodes = traces[0].nodes
+    on_stream = defaultdict(list)  # a stream runs its nodes in list order: its k-th span is its k-th node
+    for span in sorted((s for s in timeline.spans if s.rank == 0), key=lambda s: (s.start_us, s.end_us)):
+        on_stream[span.stream].append(span)
+    order = defaultdict(int)
+    span_of = {}
+    for n in nodes:
+        span_of[n.id] = on_stream[n.stream][order[n.stream]]
+        order[n.stream] += 1
+    for coll in (n for n in nodes if n.is_comm):
+        readers = [n for n in nodes if coll.id in n.deps]
+        assert readers and min(span_of[r.id].start_us for r in readers) >= span_of[coll.id].end_us
+    # forward, each collective's result is needed at once: all of their 10 us add to the step (in
+    # backward an input gradient's all-reduce may run beside its weight-gradient GEMM, as in Megatron)
+    assert timeline.step_us - replayed(0.0).step_us >= 10.0 * forward - 1e-6

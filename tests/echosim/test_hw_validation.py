@@ -58,6 +58,15 @@ CLUSTER_FAULTS = [  # (field, bad value, what the one line must say)
     ("gpu", 200, "gpu must be a string, got 200"),
     ("nvlink_GBps", DELETE, "missing fields ['nvlink_GBps']"),
     ("nvlnk_GBps", 450, "unknown fields ['nvlnk_GBps']"),
+    ("nics_per_node", -1, "nics_per_node must be an integer >= 0, got -1"),
+    ("nics_per_node", 2.5, "nics_per_node must be an integer >= 0, got 2.5"),
+    ("network.oversubscription", 0.5, "network.oversubscription must be a number >= 1, got 0.5"),
+    ("network.oversubscription", "2:1", "network.oversubscription must be a number >= 1, got '2:1'"),
+    ("network.leaf_nodes", -32, "network.leaf_nodes must be an integer >= 0, got -32"),
+    ("network.spine_nodes", 4, "network: unknown fields ['spine_nodes']"),
+    ("network", 32, "network: expected a JSON object of Network fields, got 32"),
+    ("sources.nvlink", "datasheet", "sources.nvlink names no field (one of ['name', 'gpu',"),
+    ("sources.nic_Gbps", 400, "sources.nic_Gbps must be a string, got 400"),
 ]
 
 
@@ -82,6 +91,9 @@ GPU_FAULTS = [
     ("host_us_per_op", [1.0], "host_us_per_op must be a number >= 0, got list"),
     ("measured", DELETE, "missing fields ['measured']"),
     ("peak_tflop", {}, "unknown fields ['peak_tflop']"),
+    ("sources.peaks", "datasheet", "sources.peaks names no field (one of ['name', 'measured', 'peak_tflops',"),
+    ("sources.efficiency", 0.58, "sources.efficiency must be a string, got 0.58"),
+    ("sources", ["datasheet"], "sources must be an object, got list"),
 ]
 
 
@@ -112,6 +124,25 @@ def test_every_malformed_overlap_field_is_one_line_naming_file_and_field(tmp_pat
         load_overlap(str(path))
     text = str(err.value)
     assert "\n" not in text and text.startswith(f"{path}: ") and message in text
+
+
+SEEDS = {"a100_80gb": "dgx_a100", "h100": "dgx_h100", "h200_datasheet": "dgx_h200_datasheet", "b200": "dgx_b200"}
+
+
+@pytest.mark.parametrize("gpu, cluster", SEEDS.items())
+def test_datasheet_seeds_say_so_and_where_each_number_comes_from(gpu, cluster):
+    profile, node = load_gpu(gpu), load_cluster(cluster)
+    assert node.gpu == gpu and not profile.measured and not node.measured
+    assert {"peak_tflops", "hbm_GBps", "memory_GB", "efficiency", "launch_us"} <= set(profile.sources)
+    assert {"nvlink_GBps", "nic_Gbps", "nics_per_node", "network", "protocols"} <= set(node.sources)
+    assert profile.sources["peak_tflops"].startswith("NVIDIA") and "datasheet" in node.sources["nvlink_GBps"]
+    assert profile.notes.startswith(("Datasheet seed, not measured", "Seed, not measured"))
+    assert node.gpus_per_node == 8 and node.nics_per_node == 8 and profile.memory_GB > 0
+
+
+def test_measured_h200_files_are_marked_measured():
+    assert load_gpu("h200").measured and load_cluster("dgx_h200").measured
+    assert load_cluster("dgx_h200").network.leaf_nodes == 0  # written before tiers: one flat tier
 
 
 @pytest.mark.parametrize("spec", ["0.5", "-1", "0", "nan", "inf"])

@@ -1,6 +1,7 @@
 """echosim sweep (divisibility, memory, ranking), the overlap models and their fit, the GPT CLI."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -45,6 +46,22 @@ def test_sweep_flags_configurations_that_run_out_of_memory():
               for r in sweep(TINY, 8, load_cluster("dgx_h100"), memory_GB=cap)}
     assert result[1, 1, 8, "ddp"].verdict == "out of memory" and result[1, 1, 8, "ddp"].step_ms == 0
     assert result[4, 2, 1, "ddp"].verdict == "ok"
+
+
+def test_sweep_runs_a_candidate_with_the_least_recomputation_that_fits():
+    base = GPTJob(model="gpt-tiny", seq_len=2048, global_batch=64, micro_batch=16)  # activations outweigh weights
+    need = {mode: max(m.total_GB for m in stage_memory(replace(base, tp=2, pp=2, dp=2, recompute=mode)))
+            for mode in ("none", "selective", "full")}
+    assert need["none"] > need["selective"] > need["full"]
+    rows = {(r.job.tp, r.job.pp, r.job.data_parallel): r
+            for r in sweep(base, 8, load_cluster("dgx_h100"), memory_GB=(need["selective"] + need["full"]) / 2)}
+    row = rows[2, 2, "ddp"]  # would have been flagged out of memory without recomputation
+    assert (row.verdict, row.job.recompute, row.memory_GB) == ("ok", "full", need["full"]) and row.step_ms > 0
+    tight = {(r.job.tp, r.job.pp, r.job.data_parallel): r
+             for r in sweep(base, 8, load_cluster("dgx_h100"), memory_GB=need["full"] / 2)}[2, 2, "ddp"]
+    assert tight.verdict == "out of memory" and tight.reason.endswith("with recompute full")
+    forced = sweep(replace(base, recompute="full"), 8, load_cluster("dgx_h100"))
+    assert {r.job.recompute for r in forced if r.verdict == "ok"} == {"full"}  # --recompute is where the search starts
 
 
 def test_memory_counts_18_bytes_per_parameter_under_ddp_and_shards_under_fsdp():
@@ -100,7 +117,8 @@ def test_sweep_rows_equal_simulate_on_every_shipped_cluster(cluster, tmp_path, c
     for row in rows:
         job, out = row.job, tmp_path / f"{row.job.tp}_{row.job.pp}_{row.job.data_parallel}"
         main(["simulate", "--gpt", "--model", job.model, "--tp", str(job.tp), "--pp", str(job.pp), "--dp",
-              str(job.dp), "--data-parallel", job.data_parallel, "--global-batch", str(job.global_batch),
+              str(job.dp), "--data-parallel", job.data_parallel, "--recompute", job.recompute,
+              "--global-batch", str(job.global_batch),
               "--micro-batch", str(job.micro_batch), "--cluster", cluster, "--out", str(out)])
         assert row.step_ms == json.loads((out / "summary.json").read_text())["step_us"] / 1e3
 
