@@ -17,10 +17,20 @@ from echosim.trace.fitting import fit_to_in_situ
 from echosim.trace.host import profile_host
 from echosim.trace.recorder import Recorder
 from echosim.trace.timing import FILL_CLOCK, time_steps_us
-from echosim.trace.user_steps import DDP_STEADY_STEP, build_step, user_steps
+from echosim.trace.user_steps import DDP_REBUILD_STEPS, build_step, ddp_bookkeeping, ddp_settled, user_steps
 from echosim.trace.world import fake_world, mesh_groups
 
 StepFactory = Callable[[DeviceMesh], Callable[[], None]]
+
+
+def _warm_up(step: Callable[[], None], steps: int, ddp_modules) -> None:
+    """`steps` steps, then more until the buckets of every DDP module built are rebuilt."""
+    for _ in range(steps):
+        step()
+    for _ in range(DDP_REBUILD_STEPS):
+        if all(ddp_settled(module) for module in ddp_modules):
+            return
+        step()
 
 
 def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: list[list[int]],
@@ -45,18 +55,18 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
                 for extra in getattr(step, "meshes", ()):
                     labels.update(mesh_groups(extra))
                 labels.update(getattr(step, "group_labels", {}))
-                for _ in range(max(warmup_steps, DDP_STEADY_STEP - 1) if ddp_modules else warmup_steps):
-                    step()
-                gc.collect()  # time the steps from a clean heap, as a training loop settles into
-                in_situ = time_steps_us(step, in_situ_steps) if measure and in_situ_steps else None
-                host = None
-                if in_situ is not None and device != "cpu":
-                    FILL_CLOCK.start()
-                    profile = profile_host(step)
-                    fills_us = FILL_CLOCK.stop_us()
-                    host = (max(0.0, in_situ[1] - profile.blocked_us), profile.gpu_busy_us - fills_us)
-                with Recorder(group_labels=labels, measure=measure) as recorder:
-                    step()
+                with ddp_bookkeeping(ddp_modules, fake_tensors=fake_tensors):
+                    _warm_up(step, warmup_steps, ddp_modules)
+                    gc.collect()  # time the steps from a clean heap, as a training loop settles into
+                    in_situ = time_steps_us(step, in_situ_steps) if measure and in_situ_steps else None
+                    host = None
+                    if in_situ is not None and device != "cpu":
+                        FILL_CLOCK.start()
+                        profile = profile_host(step)
+                        fills_us = FILL_CLOCK.stop_us()
+                        host = (max(0.0, in_situ[1] - profile.blocked_us), profile.gpu_busy_us - fills_us)
+                    with Recorder(group_labels=labels, measure=measure) as recorder:
+                        step()
             trace = recorder.trace(ranks=list(ranks), meta={**(meta or {}), "traced_rank": ranks[0],
                                                             "mesh": mesh_shape})
         validate(trace, source=f"trace of rank {ranks[0]}")
