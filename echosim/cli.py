@@ -6,6 +6,7 @@
     echosim simulate --preset tiny --fsdp 8 --cp-heads 2 --cp-seq 2 --out runs/echosim/tiny8_cp4   # dp = 8 / 4
     echosim simulate --traces runs/echosim/tiny8 --cluster my_cluster.json --out runs/echosim/tiny8
     echosim simulate --step mypkg.train:make_step --mesh dp=2,tp=4 --cluster dgx_h200 --out runs/x
+    echosim simulate --step mypkg.train:make_step --mesh dp=8 --device cuda --measure --out runs/x  # kernels timed
     echosim calibrate --kernels --gpu h100            # on an H100; --nccl --cluster dgx_h200 --gpus 2 4
     echosim validate --preset 1.3B --gpus 1 2 4 --cluster dgx_h200
     echosim simulate --gpt --model gpt-175b --tp 8 --pp 16 --dp 8 --cluster dgx_h100 --out runs/echosim/gpt175b
@@ -119,8 +120,31 @@ def _load_traces(folder: str) -> list:
     return [load_trace(p) for p in files]
 
 
+def _device_options(args: argparse.Namespace) -> dict:
+    """trace_roles' device options from --device and --measure: fake tensors on --device (cpu by
+    default), or real ones on the local GPU with each kernel timed and the trace fitted to
+    full-speed steps (Echo's ex-situ tracing)."""
+    from echosim.validate import IN_SITU_STEPS
+
+    cuda = torch.cuda.is_available()
+    if args.measure and not cuda:
+        raise UsageError("--measure times each kernel on a local CUDA GPU, and none is visible here; drop --measure "
+                         "to model kernel times from a fake-tensor trace")
+    device = args.device or ("cuda" if args.measure else "cpu")
+    if args.measure and device != "cuda":
+        raise UsageError(f"--measure times kernels on a CUDA GPU, not --device {device}: give --device cuda")
+    if device == "cuda" and not cuda:
+        raise UsageError("--device cuda: no CUDA GPU is visible here; trace on --device cpu (fake tensors stand "
+                         "for any GPU)")
+    return {"device": device, "fake_tensors": not args.measure, "measure": args.measure,
+            "in_situ_steps": IN_SITU_STEPS if args.measure else 0}
+
+
 def _traces(args: argparse.Namespace) -> list:
     """Traces from --traces DIR, of the --gpt job, from a user --step factory, or of the --workload."""
+    if (args.traces or args.gpt) and (args.device or args.measure):
+        source = "--traces" if args.traces else "--gpt"
+        raise UsageError(f"--device and --measure trace a --step or --workload, not {source}")
     if args.traces:
         return _load_traces(args.traces)
     if args.gpt:
@@ -129,11 +153,11 @@ def _traces(args: argparse.Namespace) -> list:
         mesh, factory = _parse_mesh(args.mesh), _step_factory(args.step)
         ranks = list(range(prod(mesh.values())))
         roles = [[r] for r in ranks] if args.trace_every_rank else [ranks]
-        return trace_roles(factory, mesh_shape=mesh, roles=roles, meta={"step": args.step})
+        return trace_roles(factory, mesh_shape=mesh, roles=roles, meta={"step": args.step}, **_device_options(args))
     workload = _workload(args)
     if args.fsdp < 1:
         raise UsageError(f"--fsdp must be >= 1 (the workload's world size), got {args.fsdp}")
-    return trace_workload(workload, args.fsdp)
+    return trace_workload(workload, args.fsdp, **_device_options(args))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -335,6 +359,11 @@ def build_parser(workload: type | None = None) -> argparse.ArgumentParser:
         p.add_argument("--step", default="", help="module:function taking a DeviceMesh, returning a step()")
         p.add_argument("--mesh", default="dp=8", help="mesh of --step, e.g. dp=2,tp=4")
         p.add_argument("--trace-every-rank", action="store_true", help="--step ranks differ: trace each")
+        p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                       help="device the step is built and traced on (default: cpu, or cuda with --measure)")
+        p.add_argument("--measure", action="store_true",
+                       help="trace on the local CUDA GPU with real tensors, each kernel timed, instead of modelling "
+                            "kernel times from fake tensors")
         p.add_argument("--out", required=True, help="output directory")
     simulate = sub.choices["simulate"]
     simulate.add_argument("--traces", default="", help="replay trace_rank*.json files of this directory")

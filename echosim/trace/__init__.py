@@ -13,6 +13,7 @@ device trace anywhere, and durations come from the kernel-time model.
 
     world.py      the fake world: its process group and the names of its mesh groups
     tracing.py    the tracing loop (trace_roles)
+    user_steps.py what ordinary steps need there: model.to() under fake tensors, torch DDP; no torch.compile
     recorder.py   one rank's step as an execution graph; collectives.py and flops.py describe its ops
     fills.py      real-looking outputs of fake collectives while compute is timed on real data
     timing.py     full-speed steps less what the fake collectives cost (FILL_CLOCK)
