@@ -95,10 +95,14 @@ def load_vae(path: str, device: torch.device) -> nn.Module:
     return vae.to(device).eval()
 
 
-def load_text_encoder(path: str, tokenizer_path: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """The transformers encoder of `path` (class from config.json's architectures) and its tokenizer."""
+def load_text_encoder(path: str, tokenizer_path: str, device: torch.device, *,
+                      progress: bool = True) -> tuple[nn.Module, Any]:
+    """The transformers encoder of `path` (class from config.json's architectures) and its tokenizer;
+    progress=False also turns transformers' weight-loading bar off."""
     import transformers
 
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     folder = _existing_dir(path, "--text-encoder")
     architectures = _config_of(folder, "--text-encoder").get("architectures") or [""]
     cls = getattr(transformers, architectures[0], None)
@@ -177,7 +181,7 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
     videos = VideoFolder(cfg.videos, frames=cfg.frames, height=cfg.height, width=cfg.width, channels=3)
     captions = [caption_of(videos, i) for i in range(len(videos))]
     vae = load_vae(cfg.vae, device)
-    encoder, tokenizer = load_text_encoder(cfg.text_encoder, cfg.tokenizer, device)
+    encoder, tokenizer = load_text_encoder(cfg.text_encoder, cfg.tokenizer, device, progress=cfg.progress)
     norm = latent_normalization(vae)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 precompute and finetune tests run on (nothing downloaded).
 
     paths = write_tiny_pipeline(tmp_path)   # {"vae", "text_encoder", "tokenizer", "transformer", "videos"}
+    precompute(precompute_config(paths, tmp_path / "latents"))   # 3 samples in shards of 2
 
 Sizes: 5-frame 32x32 RGB clips -> VAE latents (4, 2, 8, 8) (time 4x, space 4x: 2 frames, 8x8)
 -> Wan tokens with 1x1x1 patches: grid (2, 8, 8), 128 tokens = 4 blocks of one (2, 4, 4) cube each.
@@ -82,3 +83,12 @@ def write_tiny_pipeline(root: Path) -> dict[str, Path]:
              "transformer": root / "transformer"}
     tiny_wan().save_pretrained(str(paths["transformer"]))
     return paths
+
+
+def precompute_config(paths: dict, out, **overrides):
+    from dsv.finetune.precompute import PrecomputeConfig
+
+    base = dict(videos=str(paths["videos"]), vae=str(paths["vae"]), text_encoder=str(paths["text_encoder"]),
+                tokenizer=str(paths["tokenizer"]), out=str(out), frames=FRAMES, height=SIZE, width=SIZE,
+                max_text_length=TEXT_LEN, shard_size=2, device="cpu", progress=False)
+    return PrecomputeConfig(**{**base, **overrides})
