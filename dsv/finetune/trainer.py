@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class FinetuneState(Stateful):
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, runtime: Runtime):
         self.cfg, self.runtime, self.device = cfg.validate(), runtime, runtime.device
+        torch.manual_seed(cfg.seed)
         if cfg.batch_size % runtime.world_size:
             raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the world size {runtime.world_size}")
         self.dataset = LatentShards(cfg.latents)
@@ -106,6 +108,7 @@ class Finetuner:
         self.schedule = FlowSchedule.from_config(cfg.flow)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.step = 0
+        self._torch_rng: torch.Tensor | None = None  # a resumed run's global RNG, set by `batches`
 
     def _check_data(self, model: nn.Module) -> None:
         channels, text_dim = self.dataset.latent_shape[0], self.dataset.text_shape[1]
@@ -144,7 +147,7 @@ class Finetuner:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.stream.load_state_dict(meta["data"])
         self.generator.set_state(meta["generator"])
-        torch.set_rng_state(meta["torch_rng"])
+        self._torch_rng = meta["torch_rng"]
         if self.dsv:
             self.dsv.load_state_dict(meta["sparse"])
         return path
@@ -168,6 +171,16 @@ class Finetuner:
         return folder
 
     # ------------------------------------------------------------------ one step
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The stream from the current step. A resumed run sets torch's global RNG once the first
+        batch is loaded, after the DataLoader has drawn its base seed from it, as the uninterrupted
+        run did before its first step: the global RNG then continues exactly too."""
+        for batch in self.stream:
+            if self._torch_rng is not None:
+                torch.set_rng_state(self._torch_rng)
+                self._torch_rng = None
+            yield batch
 
     def loss_on(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Noise and u drawn for the global batch, this rank's slice used."""
@@ -244,7 +257,7 @@ def _finetune(cfg: FinetuneConfig, runtime: Runtime) -> dict[str, Any]:
     start = window_start = time.perf_counter()
     window_steps = 0
     try:
-        batches = iter(trainer.stream)
+        batches = trainer.batches()
         while trainer.step < cfg.steps:
             record = trainer.train_step(*next(batches))
             window_steps, step = window_steps + 1, trainer.step
