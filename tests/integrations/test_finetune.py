@@ -181,3 +181,15 @@ def test_bad_input_is_one_line(tiny_pipeline, tiny_latents, tmp_path, capsys, ca
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("dsv finetune: error: ") and err.count("\n") == 1
     assert re.search(expected, err), err
+
+
+def test_resume_refuses_another_model_setup_and_a_fresh_start_never_overwrites_a_run(tiny_pipeline, tiny_latents,
+                                                                                     tmp_path):
+    from dsv.checkpoint import CheckpointError
+    from torchkit.cli import UsageError
+
+    finetune(config(tiny_pipeline, tiny_latents, tmp_path, "run", steps=2))
+    with pytest.raises(CheckpointError, match=r"lora_rank=0 \(this run: 4\): resume with --lora-rank 0"):
+        finetune(config(tiny_pipeline, tiny_latents, tmp_path, "run", steps=3, resume="auto", lora_rank=4))
+    with pytest.raises(UsageError, match="already holds a run: continue it with --resume auto"):
+        finetune(config(tiny_pipeline, tiny_latents, tmp_path, "run", steps=3))
