@@ -1,12 +1,16 @@
-"""`dsv` command line: train, sample, report, bench, plan.
+"""`dsv` command line: train, sample, report, probe, eval, bench, plan, precompute, finetune.
 
     dsv train --preset tiny --run-name demo        # see `dsv train --help` for every option
     dsv train --preset tiny --sparse dsv           # DSV sparse attention (--sparse.* options)
     dsv sample --ckpt runs/demo/ckpt/step_000000300.pt   # or an FSDP checkpoint directory
     dsv report runs/demo --baseline runs/dense     # DSV sparsity heatmaps, density, loss curves
+    dsv probe runs/dense --t 0.1 0.5 0.9           # how sparse a checkpoint's attention is, per layer and head
+    dsv eval runs/demo --num 64                    # Frechet distance of samples vs held-out clips
     dsv bench dispatch --out table.json            # the dispatcher's dense/sparse table, on the GPU
     dsv plan --heads 16 --seq-len 131072 --gpus 16 # choose the context-parallel grid
     torchrun --nproc-per-node 4 -m dsv.cli train --cp-heads 2 --cp-seq 2 ...   # context parallel
+    dsv precompute --videos clips/ --vae WAN/vae --text-encoder WAN/text_encoder --tokenizer WAN/tokenizer --out lat/
+    dsv finetune --diffusers WAN/transformer --latents lat/ --sparse dsv --lora-rank 16 --export out/   # diffusers
 """
 from __future__ import annotations
 
@@ -134,8 +138,35 @@ def plan_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def precompute_main(argv: list[str]) -> int:
+    from dsv.finetune.precompute import PrecomputeConfig, precompute
+
+    parser = Parser(prog="dsv precompute", description="Encode a video folder into shards of VAE latents and "
+                                                       "text embeddings (pip install 'dsv[diffusers]').")
+    add_config_arguments(parser, PrecomputeConfig)
+    result = precompute(config_from_args(PrecomputeConfig, parser.parse_args(argv)))
+    print(f"{result['samples']} samples in {result['shards']} shards ({result['written']} written now): "
+          f"{result['index']}")
+    return 0
+
+
+def finetune_main(argv: list[str]) -> int:
+    from dsv.finetune.config import FinetuneConfig
+    from dsv.finetune.trainer import finetune, format_summary
+
+    argv = ["--sparse.mode" if arg == "--sparse" else arg for arg in argv]  # `--sparse dsv` = `--sparse.mode dsv`
+    parser = Parser(prog="dsv finetune", description="Fine-tune a diffusers video transformer with flow matching "
+                                                     "on precomputed latents (pip install 'dsv[diffusers]').")
+    add_config_arguments(parser, FinetuneConfig)
+    result = finetune(config_from_args(FinetuneConfig, parser.parse_args(argv)))
+    if result:
+        print(format_summary(result))
+    return 0
+
+
 COMMANDS = {"train": train_main, "sample": sample_main, "report": report_main, "bench": bench_main,
-            "plan": plan_main, "probe": probe_main, "eval": eval_main}
+            "plan": plan_main, "probe": probe_main, "eval": eval_main, "precompute": precompute_main,
+            "finetune": finetune_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,12 +105,15 @@ class DSVHandle:
         self._hook.remove()
 
 
-def apply_dsv(transformer: nn.Module, config: SparseConfig, *, cube: Dims = (4, 4, 4), seed: int = 0) -> DSVHandle:
+def apply_dsv(transformer: nn.Module, config: SparseConfig, *, cube: Dims = (4, 4, 4), seed: int = 0,
+              world_size: int = 1) -> DSVHandle:
     """Install DSV on every self-attention of `transformer` (a WanTransformer3DModel or a
     CogVideoXTransformer3DModel; cross-attention stays dense). Video tokens are put in cube order
     of `cube` inside each processor; config.block_size tokens form one block of the kernels.
     `seed` draws the predictors' initial weights (the model's RNG stream is left as it was). The
-    predictors go to the device of the model's parameters: move the model there first."""
+    predictors go to the device of the model's parameters: move the model there first. Under data
+    parallelism (FSDP over `world_size` ranks) step_end averages the predictors' gradients, losses and
+    profiles over the ranks, so every rank's predictors stay the same."""
     support = SUPPORTED.get(type(transformer))
     if support is None:
         names = ", ".join(cls.__name__ for cls in SUPPORTED)
@@ -125,7 +128,8 @@ def apply_dsv(transformer: nn.Module, config: SparseConfig, *, cube: Dims = (4, 
         raise ValueError(f"apply_dsv: the predictors take the attention input of width heads x head_dim = {inner}, "
                          f"the model's is {modules[0].to_q.in_features}")
     device = next(transformer.parameters()).device
-    backend = DSVAttention(config, DiTConfig(hidden=inner, depth=len(modules), heads=heads), device, seed=seed)
+    backend = DSVAttention(config, DiTConfig(hidden=inner, depth=len(modules), heads=heads), device, seed=seed,
+                           world_size=world_size)
     tokens = TokenGrid(cube=tuple(cube), block_size=config.block_size)
     pairs = support.rope_axis_pairs(transformer)
     originals = [module.processor for module in modules]
