@@ -29,8 +29,7 @@ from dsv.parallel.hybrid import ContextParallelAttention
 from dsv.parallel.mesh import build_parallel_mesh
 from dsv.parallel.parallelize import parallelize
 from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
-from dsv.parallel.runtime import (Runtime, all_reduce_mean, barrier, collective_timeout_errors,
-                                  init_runtime, shutdown)
+from dsv.parallel.runtime import Runtime, all_reduce_mean, barrier, distributed_run
 from dsv.sample import write_samples
 from dsv.sparse import DSVAttention, SparseConfig
 from dsv.train_config import OptimConfig, TrainConfig, check_same_dataset, resume_changes
@@ -273,12 +272,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final record (loss, val_loss, ...) and where the
     run's files are (run_dir, checkpoint, metrics, loss_curve, samples) on rank 0, {} on the others."""
     cfg.validate()
-    runtime = init_runtime(cfg.device, timeout_s=cfg.dist_timeout_s)
-    try:
-        with collective_timeout_errors(runtime, flag="--dist-timeout-s"):
-            return _train(cfg, runtime)
-    finally:
-        shutdown(runtime)
+    with distributed_run(cfg.device, cfg.dist_timeout_s) as runtime:
+        return _train(cfg, runtime)
 
 
 def _check_run_folder(cfg: TrainConfig, run_dir: Path) -> None:

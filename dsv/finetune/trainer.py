@@ -41,8 +41,7 @@ from dsv.finetune.flow import FlowSchedule, noised
 from dsv.finetune.models import add_lora, load_transformer, merge_lora
 from dsv.integrations.diffusers import apply_dsv
 from dsv.metrics import MetricsLogger, plot_loss_curve
-from dsv.parallel.runtime import (Runtime, all_reduce_mean, barrier, collective_timeout_errors, init_runtime,
-                                  shutdown)
+from dsv.parallel.runtime import Runtime, all_reduce_mean, barrier, distributed_run
 from dsv.train import NonFiniteLossError
 from torchkit.cli import UsageError
 from torchkit.config_cli import config_to_dict
@@ -221,12 +220,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the last record and where the run's files are on
     rank 0, {} on the others."""
     cfg.validate()
-    runtime = init_runtime(cfg.device, timeout_s=cfg.dist_timeout_s)
-    try:
-        with collective_timeout_errors(runtime, flag="--dist-timeout-s"):
-            return _finetune(cfg, runtime)
-    finally:
-        shutdown(runtime)
+    with distributed_run(cfg.device, cfg.dist_timeout_s) as runtime:
+        return _finetune(cfg, runtime)
 
 
 def _check_run_folder(cfg: FinetuneConfig, run_dir: Path) -> None:

@@ -1,8 +1,7 @@
 """Process-group setup from torchrun's environment, the few collectives the trainer needs, and
 one-line errors for collectives that time out.
 
-    runtime = init_runtime("auto", timeout_s=600)
-    with collective_timeout_errors(runtime, flag="--dist-timeout-s"):
+    with distributed_run("auto", timeout_s=600) as runtime:
         ...  # a collective waiting longer than 600 s for a hung rank raises CollectiveTimeout
 """
 from __future__ import annotations
@@ -129,3 +128,14 @@ def collective_timeout_errors(runtime: Runtime, flag: str) -> Iterator[None]:
             f"({dist.get_backend()}: {detail}): "
             f"another rank is hung, stopped or dead; if a step legitimately takes longer, raise {flag}"
         ) from error
+
+
+@contextmanager
+def distributed_run(requested_device: str, timeout_s: float, flag: str = "--dist-timeout-s") -> Iterator[Runtime]:
+    """init_runtime, then the body under collective_timeout_errors, then shutdown whatever happens."""
+    runtime = init_runtime(requested_device, timeout_s=timeout_s)
+    try:
+        with collective_timeout_errors(runtime, flag=flag):
+            yield runtime
+    finally:
+        shutdown(runtime)
