@@ -140,20 +140,22 @@ class ContextParallelAttention:
                padding: CubePadding | None) -> Tensor:
         """Attention of the local queries over the whole sequence of the owned heads."""
         if index is None:
-            dense = partial(self._dense, padding=padding, first_row=self.mesh.seq_rank * q.shape[2])
-        else:
-            valid = None if padding is None else padding.block_counts(index.block_size, q.device)  # (NB,) all S
+            return self._dense_local(q, k, v, padding)
+        valid = None if padding is None else padding.block_counts(index.block_size, q.device)  # (NB,) of all S
         if self.mesh.cp_seq == 1:
-            if index is None:
-                return dense(q, k, v)
             # the selector's lists (DSV's selection in training) are not re-checked: that is a host sync per layer
             return sparse_attention_index(q, k, v, index, backend=self.kernel_backend, check_lists=False,
                                           valid=valid)
-        if index is None:
-            out, nbytes = dense_sequence_attention(q, k, v, self.mesh.seq_group, attention=dense)
-        else:
-            out, nbytes = sparse_sequence_attention(q, k, v, index, self.mesh.seq_group, backend=self.kernel_backend,
-                                                    valid=valid)
+        out, nbytes = sparse_sequence_attention(q, k, v, index, self.mesh.seq_group, backend=self.kernel_backend,
+                                                valid=valid)
+        self.kv_bytes_received += nbytes
+        return out
+
+    def _dense_local(self, q: Tensor, k: Tensor, v: Tensor, padding: CubePadding | None) -> Tensor:
+        attention = partial(self._dense, padding=padding, first_row=self.mesh.seq_rank * q.shape[2])
+        if self.mesh.cp_seq == 1:
+            return attention(q, k, v)
+        out, nbytes = dense_sequence_attention(q, k, v, self.mesh.seq_group, attention=attention)
         self.kv_bytes_received += nbytes
         return out
 
