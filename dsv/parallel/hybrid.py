@@ -13,6 +13,11 @@ Where no block index is selected (no selector, or it returned None), the local a
 `dense_attention(q, k, v)`: SDPA unless the caller gives another, e.g. a cost model's
 stand-in for a kernel (dsv.sim.dit).
 
+On a partial token grid the model passes `padding=` (dsv/ops/layout.py), which describes the
+whole sequence: padding keys are masked wherever they are (the key mask over all S keys for the
+dense path, each KV block's count of real tokens for the sparse one, the fetched blocks keeping
+theirs) and the padding rows among the local queries get output 0, as on one process.
+
 Heads are assigned to head ranks by greedy LPT on per-head cost (1 - sparsity), given per
 layer with `set_head_costs` and re-planned whenever the caller has a new profile. The
 predictor and selection run where the head lives: `features` (token-wise, e.g. the low-rank
@@ -23,13 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dsv.ops.block_index import BlockIndex
-from dsv.ops.layout import BLOCK_SIZE
+from dsv.ops.layout import BLOCK_SIZE, CubePadding
 from dsv.ops.sparse_attention import sparse_attention_index
 from dsv.parallel.head_parallel import (HeadAssignment, assign_heads, check_heads_fit, even_assignment,
                                         gather_heads, scatter_heads)
@@ -50,6 +56,7 @@ class SelectionInput:
     heads: list[int]  # global ids of the owned heads, ascending
     first_query_block: int  # global block id of the first local query block
     seq_len: int  # S, the whole sequence
+    padding: CubePadding | None = None  # the padding tokens of the whole sequence of a partial grid
 
 
 Selector = Callable[[SelectionInput], BlockIndex | None]
@@ -57,9 +64,10 @@ Selector = Callable[[SelectionInput], BlockIndex | None]
 Features = Callable[..., Tensor]
 """features(attn_input (B, S_loc, hidden), layer=i, rope=(cos, sin) (S_loc, D/2) or None) -> (B, H, S_loc, F),
 computed token by token."""
-DenseAttention = Callable[[Tensor, Tensor, Tensor], Tensor]
+DenseAttention = Callable[..., Tensor]
 """dense_attention(q (B, H_r, S_q, D), k, v (B, H_r, S, D)) -> (B, H_r, S_q, D): the local queries over every
-key of the owned heads, where no block index is selected."""
+key of the owned heads, where no block index is selected; on a partial grid called with attn_mask= (1, 1, 1, S)
+bool, True for the real keys (SDPA's keyword)."""
 
 
 class ContextParallelAttention:
@@ -103,7 +111,7 @@ class ContextParallelAttention:
 
     @torch.compiler.disable
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
-                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                 rope: tuple[Tensor, Tensor] | None = None, padding: CubePadding | None = None) -> Tensor:
         mesh, assignment = self.mesh, self.assignment(layer)
         feats = self.features(attn_input, layer=layer, rope=rope) if self.features is not None else None
         if mesh.cp_heads > 1:  # (B, H, S/g, D) -> (B, H_r, S/g_s, D)
@@ -113,28 +121,49 @@ class ContextParallelAttention:
         s_q = q.shape[2]
         seq_len = s_q * mesh.cp_seq
         check_sequence_fits(seq_len, mesh.cp_seq)
+        if padding is not None and padding.tokens().numel() != seq_len:
+            raise ValueError(f"padding of grid {padding.grid} in cubes {padding.cube} describes "
+                             f"{padding.tokens().numel()} tokens, but the cp group holds {seq_len}")
         index = None
         if self.selector is not None:
             feats_k = gather_sequence(feats, mesh.seq_group) if feats is not None and mesh.cp_seq > 1 else feats
             index = self.selector(SelectionInput(
                 q=q, k=k, features_q=feats, features_k=feats_k, layer=layer,
                 heads=assignment.heads_of(mesh.head_rank), first_query_block=mesh.seq_rank * s_q // self.block_size,
-                seq_len=seq_len))
-        out = self._local(q, k, v, index)  # (B, H_r, S/g_s, D)
+                seq_len=seq_len, padding=padding))
+        out = self._local(q, k, v, index, padding)  # (B, H_r, S/g_s, D)
         if mesh.cp_heads > 1:
             out = gather_heads(out, assignment, mesh.heads_group)  # (B, H, S/g, D)
         return out
 
-    def _local(self, q: Tensor, k: Tensor, v: Tensor, index: BlockIndex | None) -> Tensor:
+    def _local(self, q: Tensor, k: Tensor, v: Tensor, index: BlockIndex | None,
+               padding: CubePadding | None) -> Tensor:
         """Attention of the local queries over the whole sequence of the owned heads."""
-        if self.mesh.cp_seq == 1:
-            if index is None:
-                return self.dense_attention(q, k, v)
-            # the selector's lists (DSV's selection in training) are not re-checked: that is a host sync per layer
-            return sparse_attention_index(q, k, v, index, backend=self.kernel_backend, check_lists=False)
         if index is None:
-            out, nbytes = dense_sequence_attention(q, k, v, self.mesh.seq_group, attention=self.dense_attention)
-        else:
-            out, nbytes = sparse_sequence_attention(q, k, v, index, self.mesh.seq_group, backend=self.kernel_backend)
+            return self._dense_local(q, k, v, padding)
+        valid = None if padding is None else padding.block_counts(index.block_size, q.device)  # (NB,) of all S
+        if self.mesh.cp_seq == 1:
+            # the selector's lists (DSV's selection in training) are not re-checked: that is a host sync per layer
+            return sparse_attention_index(q, k, v, index, backend=self.kernel_backend, check_lists=False,
+                                          valid=valid)
+        out, nbytes = sparse_sequence_attention(q, k, v, index, self.mesh.seq_group, backend=self.kernel_backend,
+                                                valid=valid)
         self.kv_bytes_received += nbytes
         return out
+
+    def _dense_local(self, q: Tensor, k: Tensor, v: Tensor, padding: CubePadding | None) -> Tensor:
+        attention = partial(self._dense, padding=padding, first_row=self.mesh.seq_rank * q.shape[2])
+        if self.mesh.cp_seq == 1:
+            return attention(q, k, v)
+        out, nbytes = dense_sequence_attention(q, k, v, self.mesh.seq_group, attention=attention)
+        self.kv_bytes_received += nbytes
+        return out
+
+    def _dense(self, q: Tensor, k: Tensor, v: Tensor, *, padding: CubePadding | None, first_row: int) -> Tensor:
+        """q (B, H_r, S_q, D) rows first_row.. of the sequence, k, v (B, H_r, S, D): `dense_attention`,
+        on a partial grid over the real keys, padding rows 0."""
+        if padding is None:
+            return self.dense_attention(q, k, v)
+        real = padding.tokens(q.device)  # (S,)
+        out = self.dense_attention(q, k, v, attn_mask=real.view(1, 1, 1, -1))
+        return out * real[first_row:first_row + q.shape[2], None]

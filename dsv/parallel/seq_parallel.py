@@ -6,6 +6,11 @@ in a compact KV buffer, and runs block-sparse attention on it; autograd returns 
 gradients of the fetched blocks to their owners (the reverse all-to-all, summed into the
 owner's dK/dV). Dense fallback: all-gather K and V.
 
+On a partial token grid `valid` (NB,) gives the real tokens of each of the sequence's blocks
+(dsv/ops/layout.py): every slot of the compact buffer keeps its block's count. Those differ per
+(batch, head), while the kernels take one count per block of the sequence, so the padded path
+runs the B x H compact buffers as one sequence of B * H * width blocks (same lists, same tiles).
+
     out, nbytes = sparse_sequence_attention(q, k, v, index, group)   # index: local query blocks, global KV ids
     out, nbytes = dense_sequence_attention(q, k, v, group)
 """
@@ -40,6 +45,7 @@ class KVExchange:
     local_blocks: int
     width: int
     index: BlockIndex  # (B, H, width) lists into the compact buffer; rows past local_blocks are padding queries
+    slot_blocks: Tensor  # (B * H, width) long: global id of the block in each slot, -1 for an unused one
 
 
 def check_sequence_fits(seq_len: int, ranks: int, block_size: int | None = None) -> None:
@@ -82,9 +88,12 @@ def plan_kv_exchange(index: BlockIndex, group: ProcessGroup) -> KVExchange:
     requests = (bh * nl + block % nl)[by_owner]
     serve_rows = all_to_all(requests, recv_splits, send_splits, group)
     fetch_slots = (bh * width + slot)[by_owner]
+    slot_blocks = torch.full((b * h, width), -1, dtype=torch.long, device=device)
+    slot_blocks[:, :nl] = torch.arange(offset, offset + nl, device=device)
+    slot_blocks[bh, slot] = block
     return KVExchange(send_splits=send_splits, recv_splits=recv_splits, serve_rows=serve_rows,
                       fetch_slots=fetch_slots, local_blocks=nl, width=width,
-                      index=_compact_index(index, remote, bh, block, slot, offset, width))
+                      index=_compact_index(index, remote, bh, block, slot, offset, width), slot_blocks=slot_blocks)
 
 
 def _compact_index(index: BlockIndex, remote: Tensor, bh: Tensor, block: Tensor, slot: Tensor, offset: int,
@@ -122,17 +131,38 @@ def fetch_kv_blocks(k: Tensor, v: Tensor, exchange: KVExchange, group: ProcessGr
 
 
 def sparse_sequence_attention(q: Tensor, k: Tensor, v: Tensor, index: BlockIndex, group: ProcessGroup, *,
-                              scale: float | None = None, backend: str = "auto") -> tuple[Tensor, int]:
+                              scale: float | None = None, backend: str = "auto",
+                              valid: Tensor | None = None) -> tuple[Tensor, int]:
     """q, k, v (B, H, S_loc, D) of this rank's tokens; index: the local query blocks' global KV
-    lists. Returns the attention output (B, H, S_loc, D) and the K/V bytes received."""
+    lists; valid: (NB,) int32 real tokens per block of the whole sequence, or None. Returns the
+    attention output (B, H, S_loc, D) and the K/V bytes received."""
     s_loc = q.shape[2]
     check_sequence_fits(index.seq_len, dist.get_world_size(group), index.block_size)
     exchange = plan_kv_exchange(index, group)
     k_buf, v_buf, nbytes = fetch_kv_blocks(k, v, exchange, group)  # (B, H, width * BLOCK, D)
     q_pad = F.pad(q, (0, 0, 0, k_buf.shape[2] - s_loc))  # padding queries: zero, their output is dropped
+    if valid is not None:
+        return _padded_compact_attention(q_pad, k_buf, v_buf, exchange, valid, scale, backend)[:, :, :s_loc], nbytes
     out = sparse_attention_index(q_pad, k_buf, v_buf, exchange.index, scale=scale, backend=backend,
                                  check_lists=False)  # built by plan_kv_exchange: valid, and no host sync
     return out[:, :, :s_loc], nbytes
+
+
+def _padded_compact_attention(q: Tensor, k: Tensor, v: Tensor, exchange: KVExchange, valid: Tensor,
+                              scale: float | None, backend: str) -> Tensor:
+    """q, k, v (B, H, width * BLOCK, D) compact buffers -> (B, H, width * BLOCK, D), each slot's keys
+    masked by its block's count: the B * H buffers as one sequence (1, 1, B * H * width * BLOCK, D)."""
+    b, h, n, d = q.shape
+    index, width = exchange.index, exchange.width
+    slot_valid = torch.where(exchange.slot_blocks >= 0, valid[exchange.slot_blocks.clamp(min=0)], 0)  # (B*H, width)
+    offsets = (torch.arange(b * h, device=q.device, dtype=torch.int32) * width).view(b, h, 1, 1)
+    folded = BlockIndex(counts=index.counts.reshape(1, 1, b * h * width),
+                        indices=(index.indices + offsets).reshape(1, 1, b * h * width, -1),
+                        block_size=index.block_size, seq_len=b * h * n)
+    q, k, v = (x.reshape(1, 1, b * h * n, d) for x in (q, k, v))
+    out = sparse_attention_index(q, k, v, folded, scale=scale, backend=backend, check_lists=False,
+                                 valid=slot_valid.reshape(-1).to(torch.int32))
+    return out.view(b, h, n, d)
 
 
 def dense_sequence_attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, *, scale: float | None = None,

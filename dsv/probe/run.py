@@ -8,7 +8,8 @@ The batch is the run's held-out clips (`validation_batches`: fixed by the data s
 on), noised at each t by the trainer's flow-matching rule x_t = (1 - t) x0 + t noise with one seeded
 noise for every t. The model runs under the run's precision (bf16 autocast on CUDA by default)
 with `ProbeAttention`, which measures each layer's q, k -- post-RoPE, exactly what attention sees --
-head by head (dsv/probe/coverage.py) and then attends densely.
+head by head (dsv/probe/coverage.py) and then attends densely; on a partial token grid over the
+real tokens only (padding keys carry no mass, padding query rows are not counted).
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from math import prod
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv.checkpoint import CheckpointError, checkpoint_name, find_checkpoint
 from dsv.data import DataConfig, validation_batches
 from dsv.flow import interpolate
-from dsv.models.attention import DenseAttention
+from dsv.models.attention import DenseAttention, dense_attention
 from dsv.models.dit import DiTConfig, VideoDiT
+from dsv.ops.layout import CubePadding
 from dsv.probe.coverage import HeadCoverage, ProbeAxes, head_coverage
 from dsv.sparse.predictor import LowRankPredictor
 from dsv.train_state import clean_name
@@ -122,16 +123,17 @@ class ProbeAttention:
         self.measured: dict[int, list[HeadCoverage]] = {}  # layer -> B * H heads, sample-major
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
-                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """q, k, v (B, H, S, D) in cube order; returns (B, H, S, D)."""
+                 rope: tuple[Tensor, Tensor] | None = None, padding: CubePadding | None = None) -> Tensor:
+        """q, k, v (B, H, S, D) in cube order; padding those of a partial grid; returns (B, H, S, D)."""
         heads = [(i, j) for i in range(q.shape[0]) for j in range(q.shape[1])]
+        real = None if padding is None else padding.tokens(q.device)  # (S,) bool
         if self.predictors is None:
-            self.measured[layer] = [head_coverage(q[i, j], k[i, j], self.axes) for i, j in heads]
+            self.measured[layer] = [head_coverage(q[i, j], k[i, j], self.axes, real=real) for i, j in heads]
         else:
             q_lr, k_lr = self.predictors[layer](attn_input, rope)  # each (B, H, S, r)
-            self.measured[layer] = [head_coverage(q[i, j], k[i, j], self.axes, q_lr[i, j], k_lr[i, j])
+            self.measured[layer] = [head_coverage(q[i, j], k[i, j], self.axes, q_lr[i, j], k_lr[i, j], real)
                                     for i, j in heads]
-        return F.scaled_dot_product_attention(q, k, v)
+        return dense_attention(q, k, v, padding)
 
     def result(self, samples: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """Means over the batch: key (L, H, tau), units (L, H, tau, g), recall like units or None."""

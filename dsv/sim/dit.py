@@ -9,7 +9,9 @@ its path `dsv.sim.dit:DiTWorkload` where the project is not installed (echosim.t
 Every rank of a pure-FSDP job does the same work on a different batch, so one role covers the
 whole world; under context parallelism ranks whose head rank owns the same number of heads do
 the same work. Attention is dense (SDPA) or modelled block-sparse at a given density
-(echosim.trace.flops.modelled_sparse_attention; on CUDA dsv's kernel, dsv.sim.kernels).
+(echosim.trace.flops.modelled_sparse_attention; on CUDA dsv's kernel, dsv.sim.kernels). On a
+partial token grid (a video size not a multiple of the cube) the modelled attention costs the
+padded sequence: the padding tokens are computed like real ones, as dsv's kernels compute their tiles.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import dsv.sim.kernels  # noqa: F401 - registers dsv's kernel for the modelled sparse attention on CUDA
 from dsv.models.dit import DIT_PRESETS, VideoDiT
+from dsv.ops.layout import CubePadding
 from dsv.parallel.head_parallel import assign_heads, check_heads_fit
 from dsv.parallel.hybrid import ContextParallelAttention
 from dsv.parallel.mesh import build_parallel_mesh
@@ -46,8 +49,15 @@ class ModelledSparseAttention:
         self.density = density
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, layer: int, attn_input: Tensor,
-                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        return modelled_sparse_attention(q, k, v, self.density)
+                 rope: tuple[Tensor, Tensor] | None = None, padding: CubePadding | None = None) -> Tensor:
+        return modelled_sparse_attention(q, k, v, self.density)  # padding: costed as real tokens
+
+
+def modelled_local_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *,
+                             density: float) -> Tensor:
+    """ContextParallelAttention's local attention at `density`; a partial grid's key mask is costed
+    as computed (the padded sequence)."""
+    return modelled_sparse_attention(q, k, v, density)
 
 
 @dataclass(kw_only=True)
@@ -136,7 +146,7 @@ class DiTWorkload:
             # a modelled selection has no block lists, so the sequence group all-gathers K and V in
             # full (dsv's dense exchange): the communication is an upper bound of the sparse fetch
             local = (F.scaled_dot_product_attention if self.density >= 1.0 else
-                     partial(modelled_sparse_attention, density=self.density))
+                     partial(modelled_local_attention, density=self.density))
             attention = ContextParallelAttention(pmesh, heads=cfg.heads, dense_attention=local)
             parallelize(model, runtime, activation_checkpointing=False, compile=False, param_dtype=dtype,
                         mesh=pmesh, cp_attention=attention)

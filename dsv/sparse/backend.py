@@ -44,7 +44,7 @@ from dsv.sparse.layer import (LayerPlan, LayerShard, attend, own_graph, predicto
                               to_all_heads)
 from dsv.sparse.predictor import LowRankPredictor, sampled_rows
 from dsv.sparse.profiler import SparsityProfiler
-from dsv.sparse.schedule import TwoStageSchedule, kept_counts, kept_density
+from dsv.sparse.schedule import TwoStageSchedule, kept_counts, kept_density, real_key_blocks
 from dsv.sparse.step_state import LayerRecord, StepState, in_recompute, reduce_step
 from dsv.sparse.timing import PhaseTimer, mark_input, mark_output
 
@@ -157,7 +157,8 @@ class DSVAttention:
             with self.timer.phase("predictor"):
                 loss, measured = self._train(shard, leaves, send_back, index if plan.profile else None)
             n = num_blocks(shard.seq_len, self.cfg.block_size)
-            density = kept_density(self.budgets[plan.layer], n) if plan.sparse else 1.0
+            key_blocks = real_key_blocks(shard.padding, self.cfg.block_size, n)  # blocks of padding only don't count
+            density = kept_density(self.budgets[plan.layer], n, key_blocks) if plan.sparse else 1.0
             self.step_state.record(plan.layer, LayerRecord(selection=index if plan.sparse else None,
                                                            density=density, loss=loss, profile=measured))
         return index if plan.sparse else None

@@ -76,7 +76,8 @@ class ContextParallelDSV:
         features = sel.features_k.detach().requires_grad_(plan.train)  # (B, H_r, S, 2r), every token
         q_lr, k_lr = features.split(self.dsv.cfg.rank, -1)  # each (B, H_r, S, r)
         shard = LayerShard(q=sel.q.detach(), k=gather_keys(sel.k, self.mesh) if plan.train else None,
-                           q_lr=q_lr, k_lr=k_lr, heads=sel.heads, query_start=self.mesh.seq_rank * sel.q.shape[2])
+                           q_lr=q_lr, k_lr=k_lr, heads=sel.heads, query_start=self.mesh.seq_rank * sel.q.shape[2],
+                           padding=sel.padding)
         with own_graph(plan.train):
             return self.dsv.run_layer(plan, shard, (features,), partial(self._to_token_owners, sel.layer))
 

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from dsv.ops.layout import CubePadding
 from dsv.sparse.config import SparseConfig
 
 LOSS_SMOOTHING = 0.1  # EMA of the per-step predictor loss: the sampled rows make it noisy
@@ -62,6 +63,16 @@ def kept_counts(budget: Tensor, num_blocks: int) -> Tensor:
     return torch.ceil(budget * num_blocks).clamp(1, num_blocks)
 
 
-def kept_density(budget: Tensor, num_blocks: int) -> float:
-    """Fraction of tiles the selection computes for per-head budgets (H,)."""
-    return kept_counts(budget, num_blocks).mean().item() / num_blocks
+def kept_density(budget: Tensor, num_blocks: int, key_blocks: int | None = None) -> float:
+    """Fraction of the KV blocks that hold real keys which the selection keeps, for per-head
+    budgets (H,): `key_blocks` of the `num_blocks` hold real keys (`real_key_blocks`; None: all).
+    Blocks of padding only carry no mass, so the selection ranks them last and they count only
+    past the real ones, where they add nothing."""
+    key_blocks = num_blocks if key_blocks is None else key_blocks
+    return kept_counts(budget, num_blocks).clamp(max=key_blocks).mean().item() / key_blocks
+
+
+def real_key_blocks(padding: CubePadding | None, block_size: int, num_blocks: int) -> int:
+    """How many of the `num_blocks` KV blocks hold a real key: all of them without padding; with
+    blocks smaller than a cube, a cube's last blocks may hold padding only."""
+    return num_blocks if padding is None else int((padding.block_counts(block_size) > 0).sum())

@@ -104,3 +104,24 @@ def test_mp4_round_trip_when_an_encoder_is_installed(tmp_path):
     # lossy codec (yuv420p halves the colour resolution): measured 1.3 mean error on the 0..255
     # scale with PyAV 18; a black or misplaced frame would be off by ~8 (the content's mean deviation)
     assert np.abs(frames[:, :19].astype(int) - reference).mean() < 3
+
+
+def test_mp4_frames_are_imageios_bit_for_bit_without_a_gc_collect(tmp_path, monkeypatch):
+    """read_video decodes MP4 with PyAV itself: the frames are exactly imageio's pyav plugin's, and no
+    gc.collect() runs per file (imageio's close() does one, ~170 ms in a process holding torch)."""
+    pytest.importorskip("av")
+    import gc
+
+    import imageio.v3 as iio
+    shapes = BouncingShapes(seed=1, frames=7, height=21, width=13, channels=3)
+    paths = [save_video_grid(torch.stack([shapes[i][0] for i in range(n)]), tmp_path / f"clip{n}", nrow=n)[1]
+             for n in (1, 3)]
+    collects = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collects.append(args) or 0)
+    frames = [read_video(path) for path in paths]
+    assert collects == []
+    monkeypatch.undo()
+    for path, ours in zip(paths, frames):
+        want = iio.imread(path, index=None, plugin="pyav", format="rgb24")
+        assert ours.dtype == np.uint8 and ours.shape == want.shape == (7, *want.shape[1:3], 3)
+        np.testing.assert_array_equal(ours, want)

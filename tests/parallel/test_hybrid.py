@@ -1,11 +1,13 @@
 """A tiny fp32 VideoDiT under head-, sequence- and hybrid context parallelism, alone and under
-FSDP data parallelism, matches the one-process run: output and every parameter gradient."""
+FSDP data parallelism, matches the one-process run: output and every parameter gradient; also on
+a partial token grid (padding in the cube order)."""
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from cp_harness import run_distributed
+from dsv.models.attention import dense_attention
 from dsv.models.dit import DiTConfig, VideoDiT
 from dsv.ops.block_index import BlockIndex, random_block_index
 from dsv.ops.sparse_attention import sparse_attention_index
@@ -14,6 +16,9 @@ from dsv.parallel.mesh import apply_context_parallel, build_parallel_mesh
 
 CFG = DiTConfig(in_channels=1, patch=(1, 2, 2), hidden=24, depth=2, heads=3, mlp_ratio=2.0, cube=(2, 2, 2))
 BATCH, VIDEO, BLOCK, FEATURES = 2, (4, 8, 8), 4, 5  # 64 tokens = 16 blocks of 4
+# grid (3, 3, 4) padded to (4, 4, 4): 36 real of 64 tokens; the corner cube's 2 real tokens leave its
+# second block of 4 padding only
+PARTIAL_VIDEO = (3, 6, 8)
 HEAD_COSTS = [[0.9, 0.2, 0.5], [0.1, 0.1, 0.6]]  # per layer: uneven head splits
 # fp32 selector features: token-wise, summed in the same order on every rank
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -58,27 +63,28 @@ def _model() -> VideoDiT:
     return model
 
 
-def _inputs():
+def _inputs(video=VIDEO):
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(BATCH, CFG.in_channels, *VIDEO, generator=gen)
+    x = torch.randn(BATCH, CFG.in_channels, *video, generator=gen)
     target = torch.randn(x.shape, generator=gen)
     t = torch.rand(BATCH, generator=gen)
     indices = [random_block_index(BATCH, CFG.heads, 64, BLOCK, d, generator=gen) for d in (0.3, 0.5)]
     return x, target, t, indices
 
 
-def _one_process(sparse: bool, dtype: torch.dtype = torch.float32):
+def _one_process(sparse: bool, dtype: torch.dtype = torch.float32, video=VIDEO):
     """Output, parameter gradients, block lists and selector features of the one-process run; in
     float64 it is the same fp32 problem (model, inputs) computed exactly."""
-    x, target, t, indices = _inputs()
+    x, target, t, indices = _inputs(video)
     x, target, t = (a.to(dtype) for a in (x, target, t))
     model, feats = _model().to(dtype), [None] * CFG.depth
 
-    def backend(q, k, v, *, layer, attn_input, rope):
+    def backend(q, k, v, *, layer, attn_input, rope, padding=None):
         feats[layer] = features(attn_input, layer=layer, rope=rope)
         if not sparse:
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return sparse_attention_index(q, k, v, indices[layer], backend="reference")
+            return dense_attention(q, k, v, padding)
+        valid = None if padding is None else padding.block_counts(BLOCK)
+        return sparse_attention_index(q, k, v, indices[layer], backend="reference", valid=valid)
 
     model.set_attention(backend)
     out = model(x, t)
@@ -96,11 +102,11 @@ def _assert_close_to_fp64(ours, one_process, exact, what):
                                msg=lambda m: f"{what} (fp32 one-process error {torch_error:.3g}): {m}")
 
 
-def _context_parallel(rank, world, plans):
+def _context_parallel(rank, world, plans, video=VIDEO):
     for cp_heads, cp_seq, heads_inner, sparse, fsdp in plans:
-        want_out, want_grads, indices, feats = _one_process(sparse)
-        exact_out, exact_grads, _, _ = _one_process(sparse, torch.float64)
-        x, target, t, _ = _inputs()
+        want_out, want_grads, indices, feats = _one_process(sparse, video=video)
+        exact_out, exact_grads, _, _ = _one_process(sparse, torch.float64, video)
+        x, target, t, _ = _inputs(video)
         mesh = build_parallel_mesh("cpu", world, cp_heads=cp_heads, cp_seq=cp_seq, heads_inner=heads_inner)
         samples = slice(mesh.dp_rank * BATCH // mesh.dp, (mesh.dp_rank + 1) * BATCH // mesh.dp)
         attention = ContextParallelAttention(mesh, heads=CFG.heads, features=features, block_size=BLOCK,
@@ -113,7 +119,7 @@ def _context_parallel(rank, world, plans):
             fully_shard(model, mesh=mesh.fsdp_mesh)
         out = model(x[samples], t[samples])
         ((out - target[samples]) ** 2).mean().backward()
-        plan = f"{cp_heads}x{cp_seq} heads_inner={heads_inner} sparse={sparse} dp={mesh.dp} fsdp={fsdp}"
+        plan = f"{cp_heads}x{cp_seq} heads_inner={heads_inner} sparse={sparse} dp={mesh.dp} fsdp={fsdp} video={video}"
         _assert_close_to_fp64(out, want_out[samples], exact_out[samples], f"{plan}: output")
         for name, p in model.named_parameters():
             if fsdp:  # FSDP averaged over dp x cp already
@@ -133,6 +139,23 @@ def test_head_and_sequence_parallel_on_two_ranks():
         (1, 2, True, True, False),  # sequence-parallel, selective KV exchange
         (1, 2, True, False, False),  # sequence-parallel, all-gather
     ])
+
+
+def test_partial_grid_under_head_and_sequence_parallel_on_two_ranks():
+    """The padding the DiT passes on a partial grid: masked keys (the exchanged blocks keep their
+    counts), padding rows 0, as on one process."""
+    assert run_distributed(_context_parallel, 2, [
+        (2, 1, True, True, False),  # uneven heads, sparse
+        (2, 1, True, False, False),  # uneven heads, dense
+        (1, 2, True, True, False),  # sequence-parallel, selective KV exchange
+        (1, 2, True, False, False),  # sequence-parallel, all-gather
+    ], PARTIAL_VIDEO)
+
+
+@pytest.mark.slow
+def test_partial_grid_under_hybrid_parallelism_on_four_ranks():
+    assert run_distributed(_context_parallel, 4, [(2, 2, True, True, False), (1, 4, True, True, False)],
+                           PARTIAL_VIDEO)
 
 
 @pytest.mark.slow

@@ -120,3 +120,12 @@ def test_modelled_sparse_attention_under_head_parallelism_costs_its_density(head
     dense, modelled = (sum(n.flops for n in t.nodes if op_class(n.name) == "attention") for t in (heads2, sparse))
     assert modelled == 0.25 * dense == 0.25 * DEPTH * 3.5 * 4 * B * (H // 2) * (8 * 8 * 8) ** 2 * D
     assert [n.bytes for n in sparse.nodes if n.is_comm] == [n.bytes for n in heads2.nodes if n.is_comm]
+
+
+@pytest.mark.parametrize("cp", [dict(cp_seq=2), dict(cp_heads=2)])
+def test_a_partial_grid_under_context_parallelism_costs_its_padded_sequence(cp):
+    """6 frames pad to the 8-frame sequence (cube (4, 4, 4)): the same attention FLOPs and K/V bytes."""
+    [padded], [full] = trace(4, frames=6, density=0.25, **cp), trace(4, frames=8, density=0.25, **cp)
+    flops = [sum(n.flops for n in t.nodes if op_class(n.name) == "attention") for t in (padded, full)]
+    assert flops[0] == flops[1] > 0
+    assert [n.bytes for n in padded.nodes if n.is_comm] == [n.bytes for n in full.nodes if n.is_comm]

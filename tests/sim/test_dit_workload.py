@@ -152,3 +152,11 @@ def test_echosim_imports_nothing_of_dsv():
     for path in (root / "echosim").rglob("*.py"):
         lines = path.read_text().splitlines()
         assert not [line for line in lines if line.lstrip().startswith(("import dsv", "from dsv"))], path
+
+
+def test_a_partial_grid_costs_its_padded_sequence():
+    """6 frames: token grid (6, 8, 8) padded by the cube (4, 4, 4) to (8, 8, 8), the 8-frame sequence;
+    the modelled attention takes the DiT's padding= and costs the padded tokens like real ones."""
+    workload = DiTWorkload(preset="tiny", frames=6, height=32, width=32, density=0.25)
+    [padded] = trace_roles(workload.make_step, mesh_shape=workload.mesh_shape(WORLD), roles=workload.roles(WORLD))
+    assert attention_flops(padded) == attention_flops(trace_dit(0.25)) > 0

@@ -53,12 +53,12 @@ def _micro_model(backend) -> VideoDiT:
     return model
 
 
-def _train(model: VideoDiT, dsv: DSVAttention, steps: int) -> list[tuple[float, float]]:
+def _train(model: VideoDiT, dsv: DSVAttention, steps: int, video=(4, 16, 16)) -> list[tuple[float, float]]:
     """(DiT loss, predictor loss) per step; the DiT itself is not updated."""
     out = []
     for step in range(1, steps + 1):
         gen = torch.Generator().manual_seed(step)
-        x, t = torch.randn(2, 1, 4, 16, 16, generator=gen), torch.rand(2, generator=gen)
+        x, t = torch.randn(2, 1, *video, generator=gen), torch.rand(2, generator=gen)
         loss = model(x, t).square().mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -85,6 +85,19 @@ def test_one_rank_grid_equals_the_plain_backend_and_head_costs_follow_the_budget
     assert torch.equal(given[-1], want) and not torch.equal(want, torch.ones_like(want))
     for layer in range(2):
         assert cp_attention.assignment(layer) == assign_heads(want[layer].tolist(), 1)
+
+
+def test_one_rank_grid_on_a_partial_grid_equals_the_plain_backend():
+    """Video 3 x 12 x 16: token grid (3, 3, 4) padded to (4, 4, 4), 36 real of 64 tokens. The
+    selector hands DSV the padding as the plain backend gets it: same selection, predictor loss, profile."""
+    cfg = sparse_config(max_dense_steps=1, budget_margin=0.6, min_density=0.1, max_density=0.9)
+    plain = DSVAttention(cfg, micro_model_config(), torch.device("cpu"))
+    split = DSVAttention(cfg, micro_model_config(), torch.device("cpu"))
+    cp_attention = split.context_parallel_attention(build_parallel_mesh("cpu", 1))
+    got = _train(_micro_model(cp_attention), split, 3, video=(3, 12, 16))
+    want = _train(_micro_model(plain), plain, 3, video=(3, 12, 16))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert split.schedule.switch_step == 1  # steps 2 and 3 sparse
 
 
 def _sequence_parallel_run(rank, world_size, cfg):

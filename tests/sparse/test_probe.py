@@ -11,7 +11,10 @@ from dsv.cli import main as dsv_main
 from dsv.data import DataConfig, validation_batches
 from dsv.ops.block_select import estimate_block_mass
 from dsv.probe import coverage
+from dsv.models.attention import dense_attention
+from dsv.ops.layout import CubePadding
 from dsv.probe.coverage import ProbeAxes, head_coverage, predicted_block_mass, unit_sums
+from dsv.probe.run import ProbeAttention
 from dsv.sample import load_for_sampling
 from dsv.sparse.predictor import LowRankPredictor
 from tests.train.helpers import run_train
@@ -28,20 +31,30 @@ def _fewest(weights: torch.Tensor, tau: float) -> int:
     return weights.numel()
 
 
-def _brute_force(q, k, axes: ProbeAxes, q_lr=None, k_lr=None):
-    """float64, one query block and one KV unit at a time: key (T,), units (T, G), recall (T, G) or None."""
-    q, k = q.double(), k.double()
+def _brute_force(q, k, axes: ProbeAxes, q_lr=None, k_lr=None, positions=None):
+    """float64, one query block and one KV unit at a time: key (T,), units (T, G), recall (T, G) or None.
+    positions (N,): the cube-order positions of the real tokens of a partial grid, None for all S:
+    attention runs over the real tokens only; a query block (KV unit) is the real rows (keys) whose
+    position falls in it, and only those holding one count."""
+    positions = torch.arange(k.shape[0]) if positions is None else positions
+    q, k = q[positions].double(), k[positions].double()
+    if q_lr is not None:
+        q_lr, k_lr = q_lr[positions], k_lr[positions]
     s = k.shape[0]
-    probs = torch.softmax(q @ k.T / q.shape[-1] ** 0.5, -1)  # (S, S)
-    blocks = [range(i, min(i + axes.query_block, s)) for i in range(0, s, axes.query_block)]
+    probs = torch.softmax(q @ k.T / q.shape[-1] ** 0.5, -1)  # (N, N) over the real tokens
+
+    def groups(size):  # runs of `size` positions that hold a real token -> their real tokens
+        ids = (positions // size).tolist()
+        return [[i for i in range(s) if ids[i] == run] for run in sorted(set(ids))]
+
+    blocks = groups(axes.query_block)
     key = torch.tensor([sum(_fewest(probs[r], tau) for r in range(s)) / s / s for tau in axes.taus],
                        dtype=torch.float64)
     units = torch.zeros(len(axes.taus), len(axes.grains), dtype=torch.float64)
     recall = torch.zeros_like(units)
     for j, g in enumerate(axes.grains):
-        kv = [list(range(u, min(u + g, s))) for u in range(0, s, g)]
+        kv = groups(g)
         for rows in blocks:
-            rows = list(rows)
             mass = torch.stack([probs[rows][:, unit].sum(1).mean() for unit in kv])  # (units,)
             if q_lr is not None:
                 scale = q_lr.shape[-1] ** -0.5
@@ -212,3 +225,45 @@ def test_probe_names_what_it_cannot_read(dsv_run, tmp_path, capsys):
     ckpt = dsv_run / "ckpt" / "step_000000002.pt"
     assert dsv_main(["probe", str(ckpt), "--ckpt", "2"]) == 2
     assert "drop --ckpt or pass the run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("query_block", [4, 32])
+def test_head_coverage_on_a_partial_grid_matches_float64_brute_force_on_the_real_tokens(monkeypatch, mode,
+                                                                                        query_block):
+    """Grid (3, 5, 6) in cubes (2, 2, 4) of 16 tokens: 90 real of 192 in cube order. Padding keys carry
+    no mass, padding rows are not counted: units and query blocks of 4 tokens that hold padding only
+    drop out, blocks of 32 (two cubes) average their real rows; chunks of two query blocks."""
+    padding = CubePadding((3, 5, 6), (2, 2, 4))
+    real = padding.tokens()
+    s, d, r = real.numel(), 8, 4
+    monkeypatch.setattr(coverage, "CHUNK_ELEMENTS", 2 * query_block * s)
+    gen = torch.Generator().manual_seed(1)
+    q, k = 3 * torch.randn(s, d, generator=gen), torch.randn(s, d, generator=gen)
+    q_lr, k_lr = 3 * torch.randn(s, r, generator=gen), torch.randn(s, r, generator=gen)
+    q, k, q_lr, k_lr = (x.masked_fill(~real[:, None], 1e3) for x in (q, k, q_lr, k_lr))  # loud padding
+    axes = ProbeAxes(taus=(0.5, 0.8, 0.95), grains=(1, 4, 16, 32), query_block=query_block, predictor_mass=mode)
+    got = head_coverage(q, k, axes, q_lr, k_lr, real)
+    key, units, recall = _brute_force(q, k, axes, q_lr, k_lr, positions=padding.positions())
+    assert int((unit_sums(real[None].float(), 4) == 0).sum()) > 0  # runs of 4 of padding only exist
+    torch.testing.assert_close(got.key, key, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.units, units, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.recall, recall, rtol=0, atol=1e-5)
+    assert (recall < 1 - 1e-3).any() and (units < 1).any()
+
+
+def test_probe_attention_takes_the_padding_of_a_partial_grid():
+    """The DiT hands a padded grid's `padding=` to its backend: the probe measures over the real tokens
+    and attends as the dense backend does (padding keys masked, padding rows 0)."""
+    padding = CubePadding((3, 5, 6), (2, 2, 4))
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, padding.tokens().numel(), 8, generator=gen) for _ in range(3))
+    axes = ProbeAxes(taus=(0.5, 0.9), grains=(4, 16))
+    backend = ProbeAttention(axes)
+    out = backend(q, k, v, layer=0, attn_input=torch.zeros(2, q.shape[2], 24), padding=padding)
+    torch.testing.assert_close(out, dense_attention(q, k, v, padding), rtol=0, atol=0)
+    want = head_coverage(q[1, 2], k[1, 2], axes, real=padding.tokens())
+    torch.testing.assert_close(backend.measured[0][5].units, want.units, rtol=0, atol=0)
+    key, units, _ = _brute_force(q[1, 2], k[1, 2], axes, positions=padding.positions())
+    torch.testing.assert_close(backend.measured[0][5].key, key, rtol=0, atol=1e-12)
+    torch.testing.assert_close(backend.measured[0][5].units, units, rtol=0, atol=1e-12)

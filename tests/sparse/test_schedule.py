@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from dsv.sparse.schedule import TwoStageSchedule, kept_density
+from dsv.ops.layout import CubePadding
+from dsv.sparse.schedule import TwoStageSchedule, kept_density, real_key_blocks
 from tests.sparse.helpers import sparse_config
 
 
@@ -43,3 +44,14 @@ def test_budgets_cover_tau_with_the_margin_within_the_density_bounds():
 def test_kept_density_rounds_counts_up_like_the_selection():
     assert kept_density(torch.tensor([0.1, 0.26]), num_blocks=10) == 0.2  # 1 and 3 blocks of 10
     assert kept_density(torch.tensor([0.001]), num_blocks=10) == 0.1  # at least one block
+
+
+def test_kept_density_counts_only_blocks_that_hold_real_keys():
+    """Grid (3, 4, 4) in cubes (4, 4, 4), blocks of 16: each cube's 48 real tokens fill 3 blocks, its
+    4th block is padding only. A budget keeps ceil(budget x 4) blocks; of the 3 real ones at most 3."""
+    padding = CubePadding((3, 4, 4), (4, 4, 4))
+    assert padding.block_counts(16).tolist() == [16, 16, 16, 0]
+    assert real_key_blocks(padding, 16, 4) == 3 and real_key_blocks(None, 16, 4) == 4
+    assert kept_density(torch.tensor([0.25, 0.5]), 4, real_key_blocks(padding, 16, 4)) == 1.5 / 3  # 1 and 2 of 3
+    assert kept_density(torch.tensor([1.0]), 4, 3) == 1.0  # every real block, not 4 / 3
+    assert kept_density(torch.tensor([0.25, 0.5]), 4) == 1.5 / 4  # without padding: unchanged
