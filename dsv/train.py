@@ -25,6 +25,7 @@ from dsv.data import BatchStream, build_dataset, validation_batches
 from dsv.flow import flow_matching_loss, logit_normal_timesteps
 from dsv.metrics import MetricsLogger, peak_flops, plot_loss_curve
 from dsv.models.dit import VideoDiT, train_flops
+from dsv.ops.block_select.mass import num_blocks
 from dsv.parallel.hybrid import ContextParallelAttention
 from dsv.parallel.mesh import build_parallel_mesh
 from dsv.parallel.parallelize import parallelize
@@ -32,12 +33,14 @@ from dsv.parallel.planner import CostModel, Workload, choose_plan, format_table
 from dsv.parallel.runtime import Runtime, all_reduce_mean, barrier, distributed_run
 from dsv.sample import write_samples
 from dsv.sparse import DSVAttention, SparseConfig
+from dsv.sparse.dispatch import DispatchTable
+from dsv.sparse.schedule import kept_density
 from dsv.train_config import OptimConfig, TrainConfig, check_same_dataset, resume_changes
 from dsv.train_state import TrainState
 from torchkit.cli import Failure, UsageError
 from torchkit.config_cli import config_to_dict
 
-__all__ = ["OptimConfig", "TrainConfig", "Trainer", "train", "format_summary"]
+__all__ = ["OptimConfig", "TrainConfig", "Trainer", "train", "format_summary", "sparse_start_notes"]
 
 
 class NonFiniteLossError(Failure):
@@ -292,6 +295,39 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path) -> None:
                          "with --resume auto, or choose another --run-name")
 
 
+def sparse_start_notes(cfg: TrainConfig, tokens: int, table: DispatchTable | None, stage: int = 1) -> list[str]:
+    """Why a --sparse dsv run of `tokens` tokens per video may not attend sparsely, said before the first step
+    rather than found as density 1 in the metrics afterwards: too few steps for stage 2, a dispatch table that
+    finds sparse attention slower than dense at every density, or a budget cap that rounds up to every block."""
+    s, notes = cfg.sparse, []
+    if stage == 1 and cfg.steps <= s.min_dense_steps:
+        notes.append(f"stage 2 cannot start within --steps {cfg.steps}: stage 1 lasts at least --sparse.min-dense-steps "
+                     f"{s.min_dense_steps}; lower it, or train longer")
+    elif stage == 1 and cfg.steps <= s.max_dense_steps:
+        notes.append(f"stage 2 starts when the predictor loss falls below --sparse.loss-threshold {s.loss_threshold} "
+                     f"(not before step {s.min_dense_steps}), else at --sparse.max-dense-steps {s.max_dense_steps}, "
+                     f"after this run's {cfg.steps} steps: it may stay dense; add --sparse.max-dense-steps N "
+                     f"(N < {cfg.steps}) to switch at step N at the latest")
+    blocks = num_blocks(tokens, s.block_size)
+    if blocks == 1:
+        return notes + [f"{tokens} tokens are one --sparse.block-size {s.block_size} block: there is no block to skip, "
+                        "density stays 1; use a smaller block size or longer videos"]
+    if table is not None:
+        fewest = kept_density(torch.tensor([s.min_density]), blocks)
+        # the speed-up is interpolated linearly between the table's densities: its grid points bound it
+        if not any(table.use_sparse(tokens, d) for d in [fewest] + [d for d in table.densities if d > fewest]):
+            made = f"measured on {table.device}" if table.device else s.dispatch_table
+            notes.append(f"the dispatch table ({made}) finds sparse attention slower than dense at {tokens} tokens "
+                         "at every density, so stage 2 runs every layer dense (density 1): add --sparse.dispatch "
+                         "sparse to attend sparsely anyway (quality runs, CPU)")
+    if kept_density(torch.tensor([s.max_density]), blocks) == 1.0:
+        notes.append(f"--sparse.max-density {s.max_density} rounds up to all {blocks} KV blocks, so a head whose "
+                     f"attention is broad (early in training, small models) keeps every block and density stays 1: "
+                     f"--sparse.max-density {(blocks - 1) / blocks:.3g} keeps at most {blocks - 1}, at some loss of "
+                     "attention mass")
+    return notes
+
+
 def _write_config(run_dir: Path, cfg: TrainConfig, resumed: tuple[Path, dict[str, list]] | None,
                   step: int) -> None:
     """config.json is this run's config; each resume appends to its `resume_history` the step, the
@@ -324,6 +360,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
             checkpoint, changes = resumed
             changed = "".join(f"; {name} {was!r} -> {now!r}" for name, (was, now) in changes.items())
             print(f"resumed from step {trainer.step} ({checkpoint}){changed}", flush=True)
+        if trainer.sparse:
+            for note in sparse_start_notes(cfg, trainer.tokens_per_sample, trainer.sparse.table,
+                                           trainer.sparse.schedule.stage):
+                print(f"note: --sparse dsv: {note}", flush=True)
     barrier(runtime)
     logger = MetricsLogger(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard, resume_step=trainer.step)
     bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not (cfg.progress and runtime.is_main),

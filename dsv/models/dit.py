@@ -429,7 +429,8 @@ def train_flops(cfg: DiTConfig, grid_tokens: int, batch: int, text_len: int = 0)
 # --------------------------------------------------------------------------- presets
 
 def tiny(**overrides) -> DiTConfig:
-    """CPU demo: 8-frame 32x32 RGB videos -> token grid (8, 8, 8) = 512 tokens = 8 cubes."""
+    """CPU model: 8-frame 32x32 RGB videos -> token grid (8, 8, 8) = 512 tokens = 8 cubes. `make demo`
+    trains it on 8-frame 16x16 grey videos (--model.in-channels 1): grid (8, 4, 4) = 128 tokens."""
     return DiTConfig(**{**dict(in_channels=3, patch=(1, 4, 4), hidden=128, depth=4, heads=4), **overrides})
 
 
