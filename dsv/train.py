@@ -47,6 +47,27 @@ class NonFiniteLossError(Failure):
     pass
 
 
+def optimizer_step(loss: torch.Tensor, params, optimizer, scheduler, runtime: Runtime, *, grad_clip: float,
+                   step: int, run_dir: Path) -> dict[str, float]:
+    """Backward of this rank's `loss`, the gradient norm clipped to `grad_clip` (0 = off), then one step
+    of `optimizer` and `scheduler`. Returns {"loss": mean over ranks, "lr": this step's, "grad_norm"};
+    a non-finite loss or norm raises NonFiniteLossError before any weight changes."""
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    global_loss = all_reduce_mean(loss.detach(), runtime).item()
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    if not (math.isfinite(global_loss) and math.isfinite(grad_norm)):
+        raise NonFiniteLossError(
+            f"non-finite loss {global_loss} / grad norm {grad_norm} at step {step + 1}; stopping. "
+            f"The last good checkpoint in {run_dir / 'ckpt'} is kept: continue with --resume auto "
+            "and a lower --optim.lr (or --optim.grad-clip)")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return {"loss": global_loss, "lr": lr, "grad_norm": grad_norm}
+
+
 def _validate(cfg: TrainConfig, runtime: Runtime) -> None:
     """The checks that need the world size (cfg.validate() did the others), naming the field and the fix."""
     cp = cfg.cp_heads * cfg.cp_seq
@@ -215,24 +236,11 @@ class Trainer:
         videos, labels = videos.to(self.device, non_blocking=True), labels.to(self.device)
         noise, t, cond = self._noise_and_times(tuple(videos.shape[1:]), labels)
         loss = self.loss_on(videos, noise, t, cond)
-        loss.backward()
-        clip = self.cfg.optim.grad_clip
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        global_loss = all_reduce_mean(loss.detach(), self.runtime).item()
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not (math.isfinite(global_loss) and math.isfinite(grad_norm.item())):
-            raise NonFiniteLossError(
-                f"non-finite loss {global_loss} / grad norm {grad_norm.item()} at step {self.step + 1}; stopping. "
-                f"The last good checkpoint in {self.run_dir / 'ckpt'} is kept: continue with --resume auto "
-                "and a lower --optim.lr (or --optim.grad-clip)")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        record = optimizer_step(loss, self.model.parameters(), self.optimizer, self.scheduler, self.runtime,
+                                grad_clip=self.cfg.optim.grad_clip, step=self.step, run_dir=self.run_dir)
         # EMA warm-up: the average starts short and lengthens to ema_decay, so early samples are not noise
         self.state.update_ema(min(self.cfg.optim.ema_decay, (1 + self.step) / (10 + self.step)))
         self.step += 1
-        record = {"loss": global_loss, "lr": lr, "grad_norm": grad_norm.item()}
         if self.sparse:
             record |= self.sparse.step_end(self.step)
         return record

@@ -17,7 +17,6 @@ loss_curve.png; --export writes the transformer with save_pretrained (LoRA merge
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -41,8 +40,8 @@ from dsv.finetune.flow import FlowSchedule, noised
 from dsv.finetune.models import add_lora, load_transformer, merge_lora
 from dsv.integrations.diffusers import apply_dsv
 from dsv.metrics import MetricsLogger, plot_loss_curve
-from dsv.parallel.runtime import Runtime, all_reduce_mean, barrier, distributed_run
-from dsv.train import NonFiniteLossError
+from dsv.parallel.runtime import Runtime, barrier, distributed_run
+from dsv.train import optimizer_step
 from torchkit.cli import UsageError
 from torchkit.config_cli import config_to_dict
 
@@ -195,22 +194,9 @@ class Finetuner:
 
     def train_step(self, latents: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
         loss = self.loss_on(latents.to(self.device), text.to(self.device))
-        loss.backward()
-        clip = self.cfg.optim.grad_clip
-        grad_norm = nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        global_loss = all_reduce_mean(loss.detach(), self.runtime).item()
-        if not (math.isfinite(global_loss) and math.isfinite(grad_norm)):
-            raise NonFiniteLossError(
-                f"non-finite loss {global_loss} / grad norm {grad_norm} at step {self.step + 1}; stopping. The last "
-                f"good checkpoint in {self.run_dir / 'ckpt'} is kept: continue with --resume auto and a lower "
-                "--optim.lr (or --optim.grad-clip)")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        record = optimizer_step(loss, self.trainable, self.optimizer, self.scheduler, self.runtime,
+                                grad_clip=self.cfg.optim.grad_clip, step=self.step, run_dir=self.run_dir)
         self.step += 1
-        record = {"loss": global_loss, "lr": lr, "grad_norm": grad_norm}
         return record | (self.dsv.step_end() if self.dsv else {})
 
 
