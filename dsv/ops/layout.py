@@ -12,6 +12,7 @@ along w), is a compact 3D neighbourhood, so neighbouring queries share their cri
     x = from_cube_order(x_cube, grid, cube)      # and back: exact (torch.equal)
     valid = block_valid_counts(grid, cube, 64)   # (Np / 64,) int32 real tokens per block
     padding = CubePadding(grid, cube)            # what a model hands its attention backend
+    joint = CubePadding(grid, cube, tail=226)    # the same, 226 text tokens after the video
 
 Any grid: real latent grids are rarely multiples of the cube (Wan 480p, 81 frames: 21 x 30 x 52
 after patching). Each axis is padded up to a multiple of the cube, `padded_grid`, so the
@@ -202,19 +203,37 @@ def cube_order_to_grid(x: Tensor, grid: Dims, cube: Dims) -> Tensor:
 @dataclass(frozen=True)
 class CubePadding:
     """The padding of a partial grid's cube order, as the model hands it to its attention
-    backend: each backend asks for the form it masks with."""
+    backend: each backend asks for the form it masks with. `tail` real tokens may follow the
+    video's cube order in the sequence (the text of a joint text + video attention)."""
 
     grid: Dims  # the real token grid
     cube: Dims
+    tail: int = 0
 
     def tokens(self, device=None) -> Tensor:
-        """(Np,) bool: real tokens of the cube order (`valid_tokens`)."""
-        return valid_tokens(self.grid, self.cube, device)
+        """(Np + tail,) bool: real tokens of the sequence (`valid_tokens`, then the tail's)."""
+        valid = valid_tokens(self.grid, self.cube, device)
+        return torch.cat([valid, valid.new_ones(self.tail)]) if self.tail else valid
 
     def positions(self, device=None) -> Tensor:
-        """(N,) long: cube-order positions of the real tokens, ascending."""
-        return _real_positions(self.grid, self.cube, torch.device("cpu") if device is None else torch.device(device))
+        """(N + tail,) long: sequence positions of the real tokens, ascending."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        real = _real_positions(self.grid, self.cube, device)
+        if not self.tail:
+            return real
+        start = prod(padded_grid(self.grid, self.cube))
+        return torch.cat([real, torch.arange(start, start + self.tail, device=device)])
 
     def block_counts(self, block_size: int, device=None) -> Tensor:
-        """(NB,) int32: real tokens per block, the first of each (`block_valid_counts`)."""
-        return block_valid_counts(self.grid, self.cube, block_size, device)
+        """(NB,) int32: real tokens per block, the first of each (`block_valid_counts`); the
+        tail's blocks are full but for its last."""
+        counts = block_valid_counts(self.grid, self.cube, block_size)
+        if self.tail:
+            if prod(padded_grid(self.grid, self.cube)) % block_size:
+                raise ValueError(f"the cube order of grid {self.grid} by cube {self.cube} does not end on a block "
+                                 f"of {block_size} tokens, so no tail can follow it: use a block size that "
+                                 f"divides prod(cube) = {prod(self.cube)}")
+            tail = torch.full((-(-self.tail // block_size),), block_size, dtype=torch.int32)
+            tail[-1] = self.tail - block_size * (tail.numel() - 1)
+            counts = torch.cat([counts, tail])
+        return counts if device is None else counts.to(device)

@@ -6,7 +6,7 @@ from math import prod
 import pytest
 import torch
 
-from dsv.ops.layout import (block_valid_counts, cube_coordinates, cube_order_to_grid, cube_permutation,
+from dsv.ops.layout import (CubePadding, block_valid_counts, cube_coordinates, cube_order_to_grid, cube_permutation,
                             from_cube_order, grid_to_cube_order, inverse_cube_permutation, is_padded, padded_grid,
                             to_cube_order, valid_tokens)
 
@@ -112,6 +112,19 @@ def test_block_valid_counts_are_the_real_prefix_of_each_block():
     assert block_valid_counts((8, 8, 8), cube, 128).tolist() == [128] * 4  # whole cubes: any block
     with pytest.raises(ValueError, match=r"blocks of 128 tokens span several cubes.*divides prod\(cube\) = 64"):
         block_valid_counts(grid, cube, 128)
+
+
+def test_a_tail_of_text_tokens_after_the_cube_order_is_all_real():
+    grid, cube = (5, 6, 7), (4, 4, 4)  # 512 tokens in cube order, 210 real
+    joint = CubePadding(grid, cube, tail=70)  # 70 text tokens: one full block of 64, then 6
+    video = CubePadding(grid, cube)
+    assert torch.equal(joint.tokens(), torch.cat([video.tokens(), torch.ones(70, dtype=torch.bool)]))
+    assert torch.equal(joint.positions(), torch.cat([video.positions(), torch.arange(512, 582)]))
+    assert torch.equal(joint.positions(), joint.tokens().nonzero()[:, 0])
+    assert joint.block_counts(64).tolist() == [64, 48, 32, 24, 16, 12, 8, 6, 64, 6]
+    assert joint.block_counts(32).tolist()[-3:] == [32, 32, 6]
+    with pytest.raises(ValueError, match=r"block size that divides prod\(cube\) = 8"):
+        CubePadding((4, 4, 4), (2, 2, 2), tail=3).block_counts(128)  # 64 tokens: no whole block of 128
 
 
 def test_wrong_token_count_is_rejected():
