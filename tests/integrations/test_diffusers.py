@@ -1,6 +1,7 @@
 """apply_dsv on tiny random-init diffusers transformers (nothing downloaded): with every block kept
 it gives diffusers' own attention within the fp64-referenced rule, in stage 2 it runs sparse and
-trains its predictors, its state round-trips, and grids it cannot lay out are refused in one line."""
+trains its predictors, on full and partial token grids; its state round-trips, and grids it cannot
+lay out are refused in one line."""
 import copy
 import io
 
@@ -45,19 +46,24 @@ def cogvideox(rotary: bool) -> CogVideoXTransformer3DModel:
                                        max_text_seq_length=7, use_rotary_positional_embeddings=rotary)
 
 
-def cogvideox_inputs(seed: int, rotary: bool) -> dict:
+def cogvideox_inputs(seed: int, rotary: bool, size: tuple[int, int] = (16, 16)) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    inputs = dict(hidden_states=torch.randn(1, 2, 4, 16, 16, generator=gen), timestep=torch.tensor([500.0]),
+    inputs = dict(hidden_states=torch.randn(1, 2, 4, *size, generator=gen), timestep=torch.tensor([500.0]),
                   encoder_hidden_states=torch.randn(1, 7, 16, generator=gen))
     if rotary:
-        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(HEAD_DIM, ((0, 0), (8, 8)), (8, 8), 2)  # each (N, Dh)
+        h, w = size[0] // 2, size[1] // 2
+        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(HEAD_DIM, ((0, 0), (h, w)), (h, w), 2)  # each (N, Dh)
     return inputs
 
 
+PARTIAL = (16, 12)  # latent size whose token grid (2, 8, 6) is padded to (2, 8, 8) by the cube: 96 of 128 real
 MODELS = {
     "wan": (wan, wan_inputs),
     "cogvideox": (lambda: cogvideox(rotary=False), lambda seed: cogvideox_inputs(seed, rotary=False)),
     "cogvideox-rope": (lambda: cogvideox(rotary=True), lambda seed: cogvideox_inputs(seed, rotary=True)),
+    "wan-partial": (wan, lambda seed: wan_inputs(seed, size=PARTIAL)),
+    "cogvideox-rope-partial": (lambda: cogvideox(rotary=True),
+                               lambda seed: cogvideox_inputs(seed, rotary=True, size=PARTIAL)),
 }
 
 
@@ -105,7 +111,7 @@ def test_every_block_kept_matches_diffusers_attention(name):
         assert error <= 2 * their_error + 1e-6 * (1 + ref.abs().max().item()), f"{key}: {error:.3g} vs {their_error:.3g}"
 
 
-@pytest.mark.parametrize("name", ["wan", "cogvideox-rope"])
+@pytest.mark.parametrize("name", ["wan", "cogvideox-rope", "wan-partial", "cogvideox-rope-partial"])
 def test_stage_two_runs_sparse_with_finite_gradients_and_trains_the_predictors(name):
     make, inputs_of = MODELS[name]
     model = make()
@@ -180,11 +186,12 @@ def test_cross_attention_keeps_its_processor_and_remove_restores_self_attention(
     assert all(model.attn_processors[n] is p for n, p in originals.items())
 
 
-def test_a_grid_that_is_not_a_multiple_of_the_cube_is_refused_in_one_line():
+def test_blocks_spanning_cubes_of_a_padded_grid_are_refused_in_one_line():
     model = wan()
-    apply_dsv(model, config(), cube=CUBE)
-    with pytest.raises(ValueError, match=r"grid \(2, 8, 6\).*cube \(2, 4, 4\)") as error:
-        model(**wan_inputs(0, size=(16, 12)))
+    apply_dsv(model, config(block_size=64), cube=CUBE)  # 64-token blocks: two cubes of 32
+    model(**wan_inputs(0))  # (2, 8, 8) needs no padding, so two cubes per block are fine
+    with pytest.raises(ValueError, match=r"grid \(2, 8, 6\).*padded to \(2, 8, 8\).*cube \(2, 4, 4\)") as error:
+        model(**wan_inputs(0, size=PARTIAL))
     assert "\n" not in str(error.value)
 
 
@@ -197,3 +204,29 @@ def test_gradient_checkpointing_recompute_attends_to_the_forward_selection():
         metrics = [h.step_end() for h in handles]
         assert metrics[0] == metrics[1] and metrics[0]["sparse/density"] == 0.5
         assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["wan-partial", "cogvideox-rope-partial"])
+def test_partial_grid_on_the_gpu_kernels_matches_diffusers_attention_under_bf16(name):
+    """The Triton kernels' padded path (bf16 under autocast, as in training) against diffusers'
+    own attention in the same precision, both referenced to the float64 CPU model."""
+    make, inputs_of = MODELS[name]
+    model, inputs = make(), inputs_of(0)
+    out_grad = torch.randn_like(model(**inputs).sample)
+    exact = run(copy.deepcopy(model).double(), as_double(inputs), out_grad)
+    cuda = {k: v.cuda() if torch.is_tensor(v) else tuple(t.cuda() for t in v) for k, v in inputs.items()}
+
+    def on_gpu(m):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return {k: v.double().cpu() for k, v in run(m.cuda(), cuda, out_grad.cuda()).items()}
+
+    theirs = on_gpu(copy.deepcopy(model))
+    dsv_model = copy.deepcopy(model).cuda()
+    handle = in_stage_two(dsv_model, min_density=1.0, max_density=1.0)
+    ours = on_gpu(dsv_model)
+    assert handle.step_end()["sparse/density"] == 1.0
+    for key, ref in exact.items():
+        error, their_error = ((x[key] - ref).abs().max().item() for x in (ours, theirs))
+        assert error <= 2 * their_error + 1e-3 * (1 + ref.abs().max().item()), f"{key}: {error:.3g} vs {their_error:.3g}"

@@ -10,15 +10,16 @@ AdamW, the profiler, the two-stage schedule and the dispatcher; each self-attent
 gets a processor (processors.py) calling it with its layer number. The latent token grid comes
 from a hook on the model's patch embedding, run at every forward: Wan's Conv3d output is
 (B, D, T', H', W'); CogVideoX's patch embedding takes the latents (B, F, C, H, W), so the grid
-is (F / patch_size_t, H / patch_size, W / patch_size). A grid that is not a multiple of the cube
-is refused there, on the first forward, with a one-line ValueError naming grid and cube.
+is (F / patch_size_t, H / patch_size, W / patch_size). Any grid runs: one that is not a multiple
+of the cube (Wan 480p, 81 frames: 21 x 30 x 52) is padded to whole cubes and the padding masked;
+a grid the layout cannot take (blocks spanning several cubes of a padded grid) is refused there,
+on the first forward, with a one-line ValueError naming grid and cube.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 from torch import nn
 from torch.utils.hooks import RemovableHandle

@@ -2,9 +2,13 @@
 the predictor's layout, and the block lists of a joint text + video sequence.
 
     grid = TokenGrid(cube=(4, 4, 4), block_size=64)      # shared by the layers' processors
-    grid.set((20, 32, 48))                               # by a hook on the patch embedding, per forward
+    grid.set((21, 30, 52))                               # by a hook on the patch embedding, per forward
+    padding = grid.padding()                             # CubePadding of a partial grid, else None
     cos, sin = predictor_rope(cos, sin, model_axis_pairs=(8, 12, 12))   # (S, D/2) in Rotary3D's layout
     index = with_text_blocks(video_index, seq_len)       # text rows and columns kept
+
+A grid that is not a multiple of the cube is padded per axis (dsv/ops/layout.py): `padding()`
+says which tokens of the cube order are padding, and the kernels mask them.
 
 Joint attention: the processor puts the N video tokens (cube order, N a multiple of the block)
 first and the L text tokens after them, so the text fills the trailing ceil(L / block) blocks
@@ -23,6 +27,7 @@ from torch import Tensor
 
 from dsv.models.dit import Rotary3D
 from dsv.ops.block_index import BlockIndex
+from dsv.ops.layout import CubePadding, is_padded, padded_grid
 
 Dims = tuple[int, int, int]
 
@@ -38,10 +43,13 @@ class TokenGrid:
     def set(self, grid: Dims) -> None:
         """Record the grid of this forward; ValueError (one line) where DSV's layout cannot take it."""
         grid = tuple(int(g) for g in grid)
-        if any(g % c for g, c in zip(grid, self.cube)):
-            raise ValueError(f"DSV: latent token grid {grid} (frames, height, width after patching) is not a "
-                             f"multiple of the cube {self.cube}: pick frames/height/width whose token grid is")
-        if prod(grid) % self.block_size:
+        if is_padded(grid, self.cube):  # partial cubes: padding tokens, masked in the kernels (dsv/ops/layout.py)
+            if prod(self.cube) % self.block_size:
+                raise ValueError(f"DSV: latent token grid {grid} (frames, height, width after patching) is padded "
+                                 f"to {padded_grid(grid, self.cube)} by the cube {self.cube}, and blocks of "
+                                 f"{self.block_size} tokens would span several cubes: pick a block_size that "
+                                 f"divides prod(cube)={prod(self.cube)}")
+        elif prod(grid) % self.block_size:
             raise ValueError(f"DSV: {prod(grid)} video tokens (grid {grid}) are not a multiple of "
                              f"block_size={self.block_size}: pick a block_size that divides prod(cube)={prod(self.cube)}")
         self.grid = grid
@@ -50,6 +58,12 @@ class TokenGrid:
         if self.grid is None:
             raise RuntimeError("DSV processor ran before the patch embedding: call the transformer, not a block")
         return self.grid
+
+    def padding(self, text_len: int = 0) -> CubePadding | None:
+        """The padding tokens of the current grid's cube order (`text_len` real text tokens after
+        it), None where it has none."""
+        grid = self.current()
+        return CubePadding(grid, self.cube, tail=text_len) if is_padded(grid, self.cube) else None
 
 
 def predictor_rope(cos: Tensor, sin: Tensor, model_axis_pairs: Dims) -> tuple[Tensor, Tensor]:
