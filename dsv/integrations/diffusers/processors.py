@@ -87,8 +87,8 @@ class CogVideoXDSVProcessor(DSVProcessor):
         x = torch.cat([video, encoder_hidden_states], 1)  # (B, S, D), S = Np + L
         q, k, v = (proj(x).unflatten(2, (attn.heads, -1)).transpose(1, 2)
                    for proj in (attn.to_q, attn.to_k, attn.to_v))  # each (B, H, S, Dh)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
+        if attn.norm_q is not None:  # under CUDA autocast LayerNorm returns float32; SDPA would cast it back
+            q, k = attn.norm_q(q).to(v.dtype), attn.norm_k(k).to(v.dtype)
         rope = None
         if image_rotary_emb is not None:  # tables (N, Dh) of the video tokens, each angle repeated for its pair
             cos, sin = (self.cube_order(t, grid) for t in image_rotary_emb)
