@@ -225,21 +225,22 @@ def _format_memory(stages: list[StageMemory], gpu: GpuProfile) -> str:
             f"more --tp or --pp, or --data-parallel fsdp)")
 
 
-CALIBRATIONS = ("kernels", "nccl", "overlap", "host")
+CALIBRATIONS = ("kernels", "host_ops", "nccl", "overlap", "host")
 
 
 def _check_calibration(args: argparse.Namespace) -> None:
     """Refuse, before measuring anything, what calibrate cannot do here or cannot write."""
     chosen = [name for name in CALIBRATIONS if getattr(args, name)]
     if not chosen:
-        raise UsageError(f"choose what to measure: {', '.join('--' + c for c in CALIBRATIONS)}")
-    if args.out.endswith(".json") and len(chosen) > 1:
+        raise UsageError(f"choose what to measure: {', '.join('--' + c.replace('_', '-') for c in CALIBRATIONS)}")
+    if args.out.endswith(".json") and len(set(chosen) - {"host_ops"} or chosen) > 1:
         raise UsageError(f"--out {args.out} is one file, and {', '.join('--' + c for c in chosen)} write one each; "
                          f"give a folder")
     gpus = torch.cuda.device_count()
-    if args.kernels and not gpus:
-        raise UsageError("--kernels times kernels on a CUDA GPU, and none is visible here; run it on the GPU "
-                         "the profile describes")
+    for name in ("kernels", "host_ops"):
+        if getattr(args, name) and not gpus:
+            raise UsageError(f"--{name.replace('_', '-')} times ops on a CUDA GPU, and none is visible here; run it "
+                             f"on the GPU (and host) the profile describes")
     for name, needed in (("nccl", max(args.gpus)), ("overlap", max(2, max(args.gpus)))):
         if getattr(args, name) and not args.from_samples and gpus < needed:
             raise UsageError(f"--{name} measures on {needed} CUDA GPUs, and {gpus} are visible here; run it on a "
@@ -260,18 +261,24 @@ def _calibration_path(args: argparse.Namespace, name: str) -> Path:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     _check_calibration(args)
     gpu_name = args.gpu or load_cluster(args.cluster).gpu
-    if args.kernels:
-        from echosim.hw.calibrate_kernels import calibrate_kernels, database_from_nodes
+    if args.kernels or args.host_ops:  # both write the GPU profile
+        profile = load_gpu(gpu_name)
+        if args.kernels:
+            from echosim.hw.calibrate_kernels import calibrate_kernels, database_from_nodes
 
-        database = {}
-        if args.preset:
-            workload = _workload(args)
-            [trace] = trace_roles(workload.make_step, mesh_shape={"dp": 1}, roles=[[0]], device="cuda",
-                                  fake_tensors=False, measure=True, in_situ_steps=5)
-            database = database_from_nodes(trace.nodes)
-        profile = calibrate_kernels(load_gpu(gpu_name), database)
-        if args.preset:  # the host's time per op of the traced step, for traces without a measured host
-            profile.host_us_per_op = trace.meta["host_us"] / len(trace.nodes)
+            database = {}
+            if args.preset:
+                workload = _workload(args)
+                [trace] = trace_roles(workload.make_step, mesh_shape={"dp": 1}, roles=[[0]], device="cuda",
+                                      fake_tensors=False, measure=True, in_situ_steps=5)
+                database = database_from_nodes(trace.nodes)
+            profile = calibrate_kernels(profile, database)
+        if args.host_ops:
+            from echosim.hw.calibrate_host_ops import calibrate_host_ops
+
+            profile = replace(profile, host_launch_us=calibrate_host_ops(),
+                              sources={**profile.sources, "host_launch_us": "echosim calibrate --host-ops on "
+                                       f"{torch.cuda.get_device_name()}'s host, torch {torch.__version__}"})
         _write(_calibration_path(args, Path(gpu_name).stem), asdict(profile))
     if args.host:
         from echosim.hw.calibrate_host import run
@@ -394,6 +401,8 @@ def build_parser(workload: type | None = None) -> argparse.ArgumentParser:
     add_workload_args(cal, workload)
     cal.set_defaults(preset="")
     cal.add_argument("--kernels", action="store_true", help="sweep kernels, write <gpu>.json")
+    cal.add_argument("--host-ops", action="store_true",
+                     help="time the host's dispatch and launch per op kind, write <gpu>.json's host_launch_us")
     cal.add_argument("--gpu", default="", help="GPU profile to start from and name (default: the --cluster's GPU)")
     cal.add_argument("--nccl", action="store_true", help="sweep NCCL collectives, write <cluster>.json")
     cal.add_argument("--cluster", default=DEFAULT_CLUSTER, help=CLUSTER_HELP)

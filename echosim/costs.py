@@ -27,5 +27,6 @@ class CollectiveCall:
 
 
 ComputeModel = Callable[[Node], float]
+HostModel = Callable[[Node], float]  # the host's microseconds to issue a node of an unmeasured trace
 CollectiveModel = Callable[[CollectiveCall], tuple[float, str]]
 OverlapModel = Callable[[Node, float, list[CollectiveCall]], float]

@@ -5,8 +5,9 @@ ready when its stream predecessor and its dependencies have finished. A compute 
 runs for its duration; a communication node *arrives* at its rendezvous and starts only when
 the last member of its group has arrived (matched by the order of collectives on the group,
 as NCCL orders them on a communicator). Ties break by `seq`, so replays are deterministic.
-Where nodes carry `host_us`, no node starts (or arrives) before the host has issued it: the
-host issues a rank's nodes in trace order, each after the ones before it, never waiting for the GPU.
+Where the host is measured (`host_us`) or modelled, no node starts (or arrives) before the host
+has issued it: the host issues a rank's nodes in trace order, each after the ones before it,
+waiting for the GPU only at a `sync` node (`.item()`), which every later node waits for.
 
 At scale, identical ranks are replayed once (`as_classes`): one representative per trace, with
 its group peers implied. An overlap model slows compute exactly while collectives run beside it.
@@ -15,6 +16,7 @@ and the host costs, for a cluster.
 """
 from __future__ import annotations
 
+import bisect
 import gc
 import heapq
 import itertools
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from echosim.costs import CollectiveCall, CollectiveModel, ComputeModel, OverlapModel
+from echosim.costs import CollectiveCall, CollectiveModel, ComputeModel, HostModel, OverlapModel
 from echosim.graph import Node, Trace, TraceError
 from torchkit.cli import Failure
 
@@ -76,7 +78,8 @@ def host_measured(trace: Trace) -> bool:
     return "host_us" in trace.meta or "in_situ_step_us" in trace.meta or any(n.host_us is not None for n in trace.nodes)
 
 
-def _plan(trace: Trace, compute_us: ComputeModel, comm_host_us: float = 0.0, host_us_per_op: float = 0.0) -> _Plan:
+def _plan(trace: Trace, compute_us: ComputeModel, comm_host_us: float = 0.0,
+          host_us: HostModel | None = None) -> _Plan:
     position = {n.id: i for i, n in enumerate(trace.nodes)}
     successors: list[list[int]] = [[] for _ in trace.nodes]
     indegree = [0] * len(trace.nodes)
@@ -95,6 +98,7 @@ def _plan(trace: Trace, compute_us: ComputeModel, comm_host_us: float = 0.0, hos
             key = (node.group,) if node.kind == "COMM_COLL" else (node.group, node.kind, node.peer)
             match_seq[i] = seen.get(key, 0)
             seen[key] = match_seq[i] + 1
+    _hold_at_syncs(trace.nodes, successors, indegree)
     modelled: dict[tuple, float] = {}  # copies of one template node share its shapes list: model them once
     duration = [0.0] * len(trace.nodes)
     for i, n in enumerate(trace.nodes):
@@ -107,14 +111,34 @@ def _plan(trace: Trace, compute_us: ComputeModel, comm_host_us: float = 0.0, hos
                 modelled[key] = compute_us(n)
             duration[i] = modelled[key]
     measured = host_measured(trace)
-    default = 0.0 if measured else host_us_per_op
-    if measured or default:
-        issued = list(itertools.accumulate((default if n.host_us is None else n.host_us) + comm_host_us * n.is_comm
-                                           for n in trace.nodes))
+    if measured or host_us is not None:
+        own = (lambda n: n.host_us or 0.0) if measured else host_us
+        issued = list(itertools.accumulate(own(n) + comm_host_us * n.is_comm for n in trace.nodes))
     else:
         issued = [0.0] * len(trace.nodes)
     return _Plan(trace=trace, successors=successors, indegree=indegree, match_seq=match_seq, duration=duration,
                  issued=issued)
+
+
+def _hold_at_syncs(nodes: list[Node], successors: list[list[int]], indegree: list[int]) -> None:
+    """Make the first node after each sync on every stream wait for the sync (the host issues
+    nothing after it until the GPU has answered)."""
+    syncs = [i for i, n in enumerate(nodes) if n.sync]
+    if not syncs:
+        return
+    next_on_stream: dict[str, int] = {}
+    first_after: dict[int, list[int]] = {}
+    pending = list(reversed(syncs))
+    for i in range(len(nodes) - 1, -1, -1):
+        while pending and pending[0] == i:
+            first_after[i] = sorted(set(next_on_stream.values()))
+            pending.pop(0)
+        next_on_stream[nodes[i].stream] = i
+    for i, later in first_after.items():
+        for j in later:
+            if j not in successors[i]:
+                successors[i].append(j)
+                indegree[j] += 1
 
 
 def assign_roles(traces: list[Trace]) -> list[Trace]:
@@ -172,7 +196,7 @@ class _Job:
 
 def replay(traces: list[Trace], *, compute_us: ComputeModel, collective_us: CollectiveModel,
            as_classes: bool = False, overlap: OverlapModel | None = None, comm_host_us: float = 0.0,
-           host_us_per_op: float = 0.0) -> Timeline:
+           host_us: HostModel | None = None) -> Timeline:
     """Replay all ranks' traces together and return the timeline.
 
     With `as_classes`, each trace is one class of identical ranks: only its first rank (the
@@ -180,19 +204,20 @@ def replay(traces: list[Trace], *, compute_us: ComputeModel, collective_us: Coll
     group block spans, and the communication model is still asked with the full block. With an
     `overlap` model, a compute node progresses at 1/factor of its speed exactly while
     collectives run on its rank (factor from the model, re-evaluated when one starts or ends).
-    Traces without a measured host (`host_measured`) issue every node in `host_us_per_op` (the
-    GPU profile's); `comm_host_us` is what the host takes longer to issue a real collective than
-    a traced one (the cluster's `collective_host_us`), added to communication nodes wherever
-    the host is modelled.
+    Traces without a measured host (`host_measured`) issue each node in `host_us(node)` (the host
+    model, echosim.host_cost; None: the host is never the limit); `comm_host_us` is what the host
+    takes longer to issue a real collective than a traced one (the cluster's `collective_host_us`),
+    added to communication nodes wherever the host is modelled. A `sync` node holds the host: the
+    nodes after it are issued from its end on, at the host's pace.
     """
     with paused_gc():
-        return _replay(traces, compute_us, collective_us, as_classes, overlap, comm_host_us, host_us_per_op)
+        return _replay(traces, compute_us, collective_us, as_classes, overlap, comm_host_us, host_us)
 
 
 def _replay(traces: list[Trace], compute_us: ComputeModel, collective_us: CollectiveModel, as_classes: bool,
-            overlap: OverlapModel | None, comm_host_us: float, host_us_per_op: float) -> Timeline:
+            overlap: OverlapModel | None, comm_host_us: float, host_us: HostModel | None) -> Timeline:
     by_rank = assign_roles(traces)
-    plans = {id(t): _plan(t, compute_us, comm_host_us, host_us_per_op) for t in traces}
+    plans = {id(t): _plan(t, compute_us, comm_host_us, host_us) for t in traces}
     if as_classes:
         rep_of = [t.ranks[0] for t in by_rank]
         simulated = sorted(t.ranks[0] for t in traces)
@@ -209,6 +234,7 @@ def _replay(traces: list[Trace], compute_us: ComputeModel, collective_us: Collec
     order = itertools.count()
     arrivals: dict[tuple, list[tuple[int, int, float]]] = {}
     blocks: dict[tuple[str, int], tuple[list[int], tuple[int, ...]]] = {}
+    held: dict[int, tuple[list[int], list[float]]] = {r: ([], []) for r in simulated}  # syncs done, host delay after each
 
     def block_of(rank: int, group: str) -> tuple[list[int], tuple[int, ...]]:
         """The rank's block of `group` and the representatives that must arrive for it."""
@@ -254,7 +280,9 @@ def _replay(traces: list[Trace], compute_us: ComputeModel, collective_us: Collec
 
     def ready(rank: int, pos: int, time: float) -> None:
         node = plan_of[rank].trace.nodes[pos]
-        time = max(time, plan_of[rank].issued[pos])
+        syncs, delays = held[rank]
+        after = bisect.bisect_left(syncs, pos)  # syncs before this node
+        time = max(time, plan_of[rank].issued[pos] + (delays[after - 1] if after else 0.0))
         if not node.is_comm:
             calls = running[rank]
             isolated = plan_of[rank].duration[pos]
@@ -287,6 +315,10 @@ def _replay(traces: list[Trace], compute_us: ComputeModel, collective_us: Collec
                 args["slowdown"] = (time - job.start) / isolated
             spans.append(Span(rank=rank, stream=node.stream, name=node.name, kind=node.kind, start_us=job.start,
                               end_us=time, arrive_us=job.start, args=args))
+            if node.sync:  # the host resumes now, if it was ahead
+                syncs, delays = held[rank]
+                syncs.append(pos)
+                delays.append(max(delays[-1] if delays else 0.0, time - plan.issued[pos]))
         elif overlap is not None:
             running[rank].pop(comm_key.pop((rank, pos)), None)
             retime(rank, time)

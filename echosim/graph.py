@@ -20,7 +20,11 @@ A trace is plain JSON, close to MLCommons Chakra execution traces:
 - COMP nodes carry `duration_us` when measured, else shapes/flops/bytes for the kernel model.
 - Any node may carry `host_us`: the host's time to issue it (Python, autograd, the launch),
   measured. The host issues nodes in list order, so node i cannot start before the sum of
-  `host_us` over nodes 0..i; without it the host is never the limit.
+  `host_us` over nodes 0..i. A trace recorded without a GPU carries instead what the host model
+  (echosim.host_cost) needs: `python_us`, the host's time outside the dispatcher before the op
+  (the model's Python, autograd, hooks), measured while tracing, and `host_ops`, the dispatched
+  ops before it that became no node (views, allocations).
+- A `sync` node (`.item()`, a data-dependent shape) holds the host until the GPU has run it.
 - COMM nodes carry `bytes`: the collective's buffer size S (all-gather: gathered output;
   reduce-scatter: unreduced input; all-reduce, broadcast: the tensor; all-to-all: this
   rank's input, with `split_bytes` per destination when uneven; send/recv: the message).
@@ -51,6 +55,9 @@ class Node:
     deps: list[int] = field(default_factory=list)
     duration_us: float | None = None  # measured time; None: ask the kernel-time model
     host_us: float | None = None  # measured time the host takes to issue it; None: none
+    python_us: float | None = None  # host time outside the dispatcher before it, measured while tracing
+    host_ops: int = 0  # dispatched ops before it that made no node (views, allocations)
+    sync: bool = False  # the host waits for the GPU to finish it before issuing anything after it
     shapes: list[list[int]] = field(default_factory=list)
     dtype: str = ""
     flops: float = 0.0
@@ -82,8 +89,9 @@ class Trace:
         raise TraceError(f"rank {rank} is in no block of group {group!r}: {self.groups[group]}")
 
     def to_json(self) -> dict:
-        defaults = {"duration_us": None, "host_us": None, "shapes": [], "dtype": "", "flops": 0.0, "bytes": 0.0,
-                    "group": "", "peer": None, "split_bytes": None}
+        defaults = {"duration_us": None, "host_us": None, "python_us": None, "host_ops": 0, "sync": False,
+                    "shapes": [], "dtype": "", "flops": 0.0, "bytes": 0.0, "group": "", "peer": None,
+                    "split_bytes": None}
         nodes = [{k: v for k, v in asdict(n).items() if k not in defaults or v != defaults[k]}
                  for n in self.nodes]
         return {"schema": SCHEMA, "world_size": self.world_size, "ranks": self.ranks,

@@ -17,7 +17,7 @@ PACKAGES = ("torchkit", "echosim", "dsv")
 LAYERS = {
     "torchkit": (["torchkit", "torchkit.*"], []),
     "echosim trace format": (["echosim.graph"], ["torchkit"]),
-    "echosim cost layer": (["echosim.costs", "echosim.comm", "echosim.kernels", "echosim.overlap",
+    "echosim cost layer": (["echosim.costs", "echosim.comm", "echosim.kernels", "echosim.overlap", "echosim.host_cost",
                             "echosim.hw", "echosim.hw.*"],
                            ["torchkit", "echosim trace format"]),
     "echosim engine": (["echosim.engine"], ["torchkit", "echosim trace format", "echosim cost layer"]),

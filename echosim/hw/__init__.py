@@ -29,6 +29,7 @@ from echosim.hw.schema import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, F
 HW_DIR = Path(__file__).parent
 DEFAULT_CLUSTER = "dgx_h200"  # the cluster every echosim command uses without --cluster (measured)
 ROOFLINE_CLASSES = ("gemm", "attention", "memory")  # the efficiencies echosim.kernels asks for
+HOST_KINDS = ("kernel", "gemm", "attention", "foreach", "foreach_tensor", "dispatch")  # echosim.host_cost
 
 
 def user_hw_dir() -> Path:
@@ -73,9 +74,9 @@ class GpuProfile:
     # device memory (GB = 1e9 bytes); 0: unknown, nothing is flagged out of memory
     memory_GB: float = field(default=0.0, metadata=NON_NEGATIVE)
     kernels: dict[str, float] = field(default_factory=dict, metadata=NON_NEGATIVE)  # kernel database: key -> us
-    # the host's time to issue one traced op in eager PyTorch, for traces without a measured host
-    # (echosim.engine.host_measured); measured from full-speed steps
-    host_us_per_op: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # the host's dispatch and launch cost per op kind (echosim.host_cost.HOST_KINDS), for traces
+    # without a measured host; measured by `echosim calibrate --host-ops`; empty: unknown (0)
+    host_launch_us: dict[str, float] = field(default_factory=dict, metadata=NON_NEGATIVE)
     sources: dict[str, str] = field(default_factory=dict)  # field -> where its numbers come from
     notes: str = ""
 
@@ -88,6 +89,9 @@ class GpuProfile:
                                                          f"lacks {missing}")
         if "float32" not in self.peak_tflops:
             raise FieldError("GpuProfile", "peak_tflops", "must give float32 (the peak of dtypes not listed)")
+        unknown = sorted(set(self.host_launch_us) - set(HOST_KINDS))
+        if unknown:
+            raise FieldError("GpuProfile", "host_launch_us", f"has unknown kinds {unknown} (kinds: {list(HOST_KINDS)})")
 
 
 @dataclass(kw_only=True)

@@ -18,9 +18,17 @@ duration is the GPU time of the kernels it launched, as CUPTI recorded them: the
 own host overhead, launch latency and interpreter pauses never enter a duration; the op's
 CPU time becomes its `host_us` (the share of the host's pace it gets; see
 echosim.trace.fitting.fit_to_in_situ). Without CUDA the duration is the op's CPU time.
+
+Without `measure`, each node records what the host model (echosim.host_cost) needs: `python_us`,
+the wall time spent outside this dispatcher since the last op (the model's Python, autograd,
+hooks, DTensor's sharding rules: host work a real step does too, while what fake tensors do
+inside the dispatcher stands for the real op's dispatch and launch, which the model costs by
+kind), and `host_ops`, the ops dispatched since the last node that made none (views, allocations).
+An op that reads a CUDA value back to the host (`.item()`, a data-dependent shape) is a `sync` node.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,12 +46,14 @@ from echosim.trace.flops import op_flops
 
 FREE_OPS = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
             "aten.detach", "aten.lift_fresh", "aten.alias", "aten._unsafe_view", "aten._reshape_alias",
-            "aten.set_", "aten.resize_", "aten.record_stream", "aten._local_scalar_dense", "aten.is_same_size",
+            "aten.set_", "aten.resize_", "aten.record_stream", "aten.is_same_size",
             "aten.sym_size", "aten.sym_stride", "aten.sym_numel", "aten.sym_storage_offset"}
 COLLECTIVE_STREAMS = {"all_gather": "ag", "reduce_scatter": "rs", "all_reduce": "rs",
                       "send": "send", "recv": "recv"}  # a batch of sends and receives runs concurrently
 OP_STREAMS = {"fsdp.all_gather_copy_in": "ag", "fsdp.chunk_cat": "rs"}
 PREFETCH_DEPTH = {"forward": 2, "backward": 1}
+SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim",
+            "aten.unique_consecutive"}  # on CUDA the host waits for the GPU's answer
 MEASURE_TAG = "echosim.node."  # profiler range around the op that becomes the node of this id
 
 
@@ -92,11 +102,33 @@ class Recorder(TorchDispatchMode):
         self._writer: dict[int, tuple[StorageWeakRef, int]] = {}  # storage -> last node that wrote it
         self._consumer: dict[int, int] = {}  # collective node -> first compute node that read its output
         self._gathers: list[int] = []  # all-gather nodes in issue order
+        self._left = time.perf_counter()  # when the dispatcher last returned to the caller
+        self._python_us = 0.0  # host time outside the dispatcher since the last node
+        self._host_ops = 0  # ops dispatched since the last node that made no node
+        self._overhead_us = 0.0  # of the time outside, what each dispatched op itself adds (tracing only)
+        self._probing, self._inside_us = False, 0.0  # measuring that overhead
 
     def __enter__(self):
         if self._profiler:
             self._profiler.__enter__()
-        return super().__enter__()
+        probe = None if self.measure else torch.zeros(16)  # made before recording starts
+        out = super().__enter__()
+        if probe is not None:
+            self._overhead_us = self._dispatch_overhead_us(probe)
+        self._left = time.perf_counter()
+        return out
+
+    def _dispatch_overhead_us(self, x: torch.Tensor, calls: int = 200) -> float:
+        """Wall time per op spent outside this dispatcher by a bare loop of ops: the Python call
+        and the trip into a Python dispatch mode, which a real step's op does not make (its call
+        is in the launch cost) and which python_us must not count."""
+        self._probing, self._inside_us = True, 0.0
+        began = time.perf_counter()
+        for _ in range(calls):
+            x.add(x)
+        total_us = 1e6 * (time.perf_counter() - began)
+        self._probing = False
+        return max(0.0, total_us - self._inside_us) / calls
 
     def __exit__(self, *exc):
         out = super().__exit__(*exc)
@@ -128,17 +160,40 @@ class Recorder(TorchDispatchMode):
                 self._writer[key] = (StorageWeakRef(t.untyped_storage()), node_id)
 
     def _add(self, node: Node, written: list[torch.Tensor]) -> Node:
+        if not self.measure:
+            node.python_us, node.host_ops = max(0.0, self._python_us), self._host_ops
+            self._python_us, self._host_ops = 0.0, 0
         self.nodes.append(node)
         self._wrote(written, node.id)
         return node
 
     # -- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        entered = time.perf_counter()
+        if self._probing:
+            out = func(*args, **(kwargs or {}))
+            self._inside_us += 1e6 * (time.perf_counter() - entered)
+            return out
+        self._python_us += 1e6 * (entered - self._left) - self._overhead_us
+        try:
+            return self._dispatch(func, args, kwargs or {})
+        finally:
+            self._left = time.perf_counter()
+
+    def _dispatch(self, func, args, kwargs):
         if any(isinstance(t, DTensor) for t in tree_leaves((args, kwargs))):
             return NotImplemented  # let DTensor run its local ops, which come back here
         name = str(func._overloadpacket)
-        if func.is_view or name in FREE_OPS or name.startswith(("profiler.", "prim.")) or _UNRECORDED[0]:
+        nodes_before = len(self.nodes)
+        try:
+            return self._record(func, name, args, kwargs)
+        finally:
+            if len(self.nodes) == nodes_before and not _UNRECORDED[0]:
+                self._host_ops += 1
+
+    def _record(self, func, name: str, args, kwargs):
+        host_read = name == "aten._local_scalar_dense" and not any(t.is_cuda for t in _tensors(args))
+        if func.is_view or name in FREE_OPS or host_read or name.startswith(("profiler.", "prim.")) or _UNRECORDED[0]:
             return func(*args, **kwargs)
         if is_collective_op(func):
             out = func(*args, **kwargs)
@@ -163,7 +218,8 @@ class Recorder(TorchDispatchMode):
         node = Node(id=len(self.nodes), kind="COMP", name=name, stream=OP_STREAMS.get(name, "compute"),
                     deps=self._deps(inputs + mutated), shapes=[list(t.shape) for t in inputs],
                     dtype=_dtype(outputs or inputs), flops=op_flops(func, args, kwargs, out),
-                    bytes=float(sum(t.nbytes for t in inputs + outputs + _unreturned(mutated, outputs))))
+                    bytes=float(sum(t.nbytes for t in inputs + outputs + _unreturned(mutated, outputs))),
+                    sync=name in SYNC_OPS and any(t.is_cuda for t in inputs))
         if node.flops or node.bytes:
             if node.stream == "compute":
                 for dep in node.deps:

@@ -16,6 +16,9 @@
   the bucket indices from CPU int32 tensors it reads, as it reads its map of used parameters.
   Under FakeTensorMode those tensors, and the ops on them, are real (ddp_bookkeeping: a few
   integers); all else stays fake. Traces are recorded once the rebuild is behind (ddp_settled).
+- Initialisers that branch on values (torch.nn.init.trunc_normal_ resamples until no value is
+  out of bounds; transformers' ViT uses it) cannot run on fake tensors, whose values do not
+  exist: under FakeTensorMode they leave the tensor as it is, as they already do on meta tensors.
 - torch.compile: compiled kernels never pass through the dispatcher, where echosim records
   (under FakeTensorMode they cannot run at all), so a factory that compiles is refused with a
   one-line error (build_step).
@@ -46,6 +49,12 @@ def _forget_fake(t: torch.Tensor) -> None:
         memo = t.fake_mode.fake_tensor_converter.tensor_memo
         for key in [key for key, fake in memo.items() if fake is t]:
             del memo[key]
+
+
+def _fake_safe_trunc_normal(original):
+    def trunc_normal(tensor, *args, **kwargs):
+        return tensor if isinstance(tensor, FakeTensor) else original(tensor, *args, **kwargs)
+    return trunc_normal
 
 
 def _swap_tensors(original):
@@ -94,6 +103,8 @@ def user_steps() -> Iterator[weakref.WeakSet]:
     with ExitStack() as stack:
         stack.enter_context(mock.patch("torch.utils.swap_tensors", _swap_tensors(torch.utils.swap_tensors)))
         stack.enter_context(mock.patch.object(ddp, "_verify_param_shape_across_processes", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(torch.nn.init, "_no_grad_trunc_normal_",
+                                              _fake_safe_trunc_normal(torch.nn.init._no_grad_trunc_normal_)))
         stack.enter_context(mock.patch.object(ddp.DistributedDataParallel, "__init__", init))
         yield built
 

@@ -116,7 +116,7 @@ def run_error(argv, capsys) -> str:
     (["sweep", "--gpus", "0"], "--gpus must be >= 1, got 0"),
     (["sweep", "--gpus", "8", "--model", "gpt-9t"], "--model 'gpt-9t' is not one of"),
     (["sweep", "--gpus", "8", "--sequence-parallel", "0"], "unrecognized arguments: 0"),
-    (["calibrate"], "choose what to measure: --kernels, --nccl, --overlap, --host"),
+    (["calibrate"], "choose what to measure: --kernels, --host-ops, --nccl, --overlap, --host"),
     (["calibrate", "--host", "--nccl", "--from-samples", "s.json", "--out", "x.json"], "--out x.json is one file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
@@ -141,7 +141,7 @@ def test_a_negative_bandwidth_is_refused_before_it_can_speed_a_job_up(tmp_path, 
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["calibrate", "--kernels"], "--kernels times kernels on a CUDA GPU, and none is visible here"),
+    (["calibrate", "--kernels"], "--kernels times ops on a CUDA GPU, and none is visible here"),
     (["calibrate", "--nccl", "--gpus", "2", "4"], "--nccl measures on 4 CUDA GPUs, and 0 are visible here"),
     (["calibrate", "--overlap"], "--overlap measures on 4 CUDA GPUs, and 0 are visible here"),
     (["validate", "--gpus", "1"], "validate compares real steps on local CUDA GPUs"),

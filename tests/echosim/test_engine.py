@@ -198,11 +198,23 @@ def test_real_collectives_cost_the_host_more_than_traced_ones():
     assert spans_by(tl)["op2"] == (75, 85)
 
 
-def test_traces_without_a_measured_host_issue_each_op_in_the_profiles_time():
+def test_traces_without_a_measured_host_issue_each_op_in_the_host_models_time():
     # 5 us kernels issued every 20 us: the host sets the pace (3 x 20 + 5); a trace scaled to a
     # full-speed step before host times existed already has the host in its durations
     nodes = [comp(0, 5), comp(1, 5), comp(2, 5)]
-    assert replay([trace(nodes)], compute_us=None, collective_us=fixed(0), host_us_per_op=20).step_us == 65
+    assert replay([trace(nodes)], compute_us=None, collective_us=fixed(0), host_us=lambda n: 20).step_us == 65
     scaled = trace(nodes)
     scaled.meta["in_situ_step_us"] = 15.0
-    assert replay([scaled], compute_us=None, collective_us=fixed(0), host_us_per_op=20).step_us == 15
+    assert replay([scaled], compute_us=None, collective_us=fixed(0), host_us=lambda n: 20).step_us == 15
+
+
+def test_the_host_runs_ahead_of_the_gpu_except_at_a_sync():
+    # host 1 us per op, kernels of 100 us: op0 runs [1, 101]. Without a sync, op2 on the other
+    # stream starts once issued (t = 3). The sync after op0 holds the host until op0 ends, and
+    # op2 is issued 1 us after that
+    nodes = [comp(0, 100), comp(1, 0), comp(2, 100, stream="side")]
+    free = replay([trace(nodes)], compute_us=None, collective_us=fixed(0), host_us=lambda n: 1)
+    assert spans_by(free)["op2"] == (3, 103)
+    nodes[1].sync = True
+    held = replay([trace(nodes)], compute_us=None, collective_us=fixed(0), host_us=lambda n: 1)
+    assert spans_by(held)["op2"] == (102, 202)
