@@ -17,13 +17,15 @@ with two predictions on the same cluster file with the calibrated GPU profile:
   --device cuda --measure`), Echo's ex-situ method;
 - modelled path: traced under fake tensors on the CPU and every kernel and host cost modelled
   (`echosim simulate --step ...` without a GPU).
-Writes OUT/echosim_heldout.{json,md}, the profile in OUT/hw/, and each trace in OUT/traces/.
+Writes OUT/echosim_heldout.{json,md}, the profile in OUT/hw/, and every trace in OUT/traces.tar.gz.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import tarfile
 from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
@@ -122,10 +124,17 @@ def main() -> None:
                 row[f"{path}_err"] = 100 * (ms - real["median_ms"]) / real["median_ms"]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "real_all_ms"}), flush=True)
-            (args.out / "echosim_heldout.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows, command, args.commit, json.loads(profile_path.read_text()))
-    (args.out / "echosim_heldout.md").write_text(table)
-    print(table)
+            write(args.out, rows, markdown(rows, command, args.commit, json.loads(profile_path.read_text())))
+    shutil.rmtree(traces_dir)
+    print((args.out / "echosim_heldout.md").read_text())
+
+
+def write(out: Path, rows: list[dict], table: str) -> None:
+    """The results so far (a run cut short keeps its finished rows) and the traces as one archive."""
+    (out / "echosim_heldout.json").write_text(json.dumps(rows, indent=1))
+    (out / "echosim_heldout.md").write_text(table)
+    with tarfile.open(out / "traces.tar.gz", "w:gz") as tar:
+        tar.add(out / "traces", arcname="traces")
 
 
 if __name__ == "__main__":

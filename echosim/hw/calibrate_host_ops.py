@@ -6,7 +6,8 @@ Each kind (echosim.host_cost.HOST_KINDS) is timed as CALLS calls of a representa
 CUDA tensors, queued behind a spin kernel so the host never waits for the GPU: what remains is
 the host's own work per op, from the Python call to the kernel launch. `foreach` and
 `foreach_tensor` are the fixed and per-tensor parts of a multi-tensor op (a least-squares line
-through lists of 1 to 64 tensors). Without CUDA the same ops run on the CPU, which then also
+through lists of 1 to 64 tensors); `dispatch` is a view dispatched from C++ (F.linear less the
+addmm it runs). Without CUDA the same ops run on the CPU, which then also
 computes them: such numbers describe no GPU host and are refused by the command.
 """
 from __future__ import annotations
@@ -47,10 +48,14 @@ def calibrate_host_ops() -> dict[str, float]:
     a, b = torch.randn(64, 64, **bf16), torch.randn(64, 64, **bf16)
     q = torch.randn(1, 2, 128, 64, **bf16)
     with torch.no_grad():
+        bias, b_t = torch.randn(64, **bf16), b.t()
         costs = {"kernel": host_us_per_call(lambda: x + y),
                  "gemm": host_us_per_call(lambda: a @ b),
                  "attention": host_us_per_call(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True)),
-                 "dispatch": host_us_per_call(lambda: a.t())}
+                 # a view dispatched from C++, as most are (inside composite ops and autograd):
+                 # F.linear is addmm of the transposed weight, one t() more than addmm itself
+                 "dispatch": max(0.0, host_us_per_call(lambda: F.linear(a, b, bias))
+                                 - host_us_per_call(lambda: torch.addmm(bias, a, b_t)))}
         lists = {n: ([torch.randn(256, **bf16) for _ in range(n)], [torch.randn(256, **bf16) for _ in range(n)])
                  for n in FOREACH_LISTS}
         times = [host_us_per_call(lambda n=n: torch._foreach_add_(*lists[n])) for n in FOREACH_LISTS]

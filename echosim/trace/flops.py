@@ -117,10 +117,6 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-register_flops(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,  # what fake CPU tensors dispatch to
-               lambda q, k, v, *a, **kw: sdpa_flop_count(_shape(q), _shape(k), _shape(v)))
-register_flops(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
-               lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(_shape(g), _shape(q), _shape(k), _shape(v)))
 register_flops(torch.ops.echosim.block_sparse_attention,
                lambda q, k, v, density, **kw: density * sdpa_flop_count(_shape(q), _shape(k), _shape(v)))
 register_flops(torch.ops.echosim.block_sparse_attention_backward,
@@ -128,10 +124,31 @@ register_flops(torch.ops.echosim.block_sparse_attention_backward,
                    _shape(g), _shape(q), _shape(k), _shape(v)))
 
 
+def attention_flops(func, args: tuple, kwargs: dict) -> float | None:
+    """FLOPs of an SDPA kernel (any backend, forward or backward) from its named arguments: 4 B H
+    Sq Sk D forward, 2.5x that backward (torch's counts), with grouped-query keys (fewer key
+    heads) and causal masking (the kernels skip the upper triangle). None: not such a kernel."""
+    names = [a.name for a in func._schema.arguments]
+    named = dict(zip(names, args)) | kwargs
+    q, k = named.get("query"), named.get("key")
+    if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 4:
+        return None
+    b, h, sq, d = q.shape
+    sk = k.shape[-2]
+    flops = 4.0 * b * h * sq * sk * d
+    if named.get("is_causal"):
+        flops *= sq / (2 * sk) if sq <= sk else 1 - sk / (2 * sq)  # query i sees keys 0..i (top-left)
+    return flops * (2.5 if "grad_out" in named else 1.0)
+
+
 def op_flops(func, args: tuple, kwargs: dict, out) -> float:
     """FLOPs of one dispatcher call (0 for ops without a formula: they are memory-bound)."""
     packet = func._overloadpacket
     if packet in _FLOPS:
         return float(_FLOPS[packet](*args, **kwargs))
+    if "scaled_dot_product" in str(packet) or "flash_attention" in str(packet) or "efficient_attention" in str(packet):
+        flops = attention_flops(func, args, kwargs)
+        if flops is not None:
+            return flops
     formula = flop_registry.get(packet)
     return float(formula(*args, **kwargs, out_val=out)) if formula else 0.0

@@ -11,7 +11,9 @@ from contextlib import nullcontext
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
 
+from echosim.engine import paused_gc
 from echosim.graph import Trace, validate
+from echosim.trace.cuda_like import cuda_like_ops
 from echosim.trace.fills import plausible_collectives
 from echosim.trace.fitting import fit_to_in_situ
 from echosim.trace.host import profile_host
@@ -65,8 +67,9 @@ def trace_roles(make_step: StepFactory, *, mesh_shape: dict[str, int], roles: li
                         profile = profile_host(step)
                         fills_us = FILL_CLOCK.stop_us()
                         host = (max(0.0, in_situ[1] - profile.blocked_us), profile.gpu_busy_us - fills_us)
-                    with Recorder(group_labels=labels, measure=measure) as recorder:
-                        step()
+                    as_cuda = cuda_like_ops() if fake_tensors and device == "cpu" else nullcontext()
+                    with paused_gc(), as_cuda, Recorder(group_labels=labels, measure=measure) as recorder:
+                        step()  # no collector pauses in the host time the recorder measures
             trace = recorder.trace(ranks=list(ranks), meta={**(meta or {}), "traced_rank": ranks[0],
                                                             "mesh": mesh_shape})
         validate(trace, source=f"trace of rank {ranks[0]}")
